@@ -1,0 +1,147 @@
+"""The public API: `SemFlow.from_workdir(DIR)`, then `segment(images)` and `synthesize(labels)`.
+
+For people who never read the trainer: numpy in, numpy out, any batch size (chunked and padded internally so
+each shape compiles once).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from semflow_jax import checkpoint, config_lib, flow, sampling
+from semflow_jax.errors import SemFlowError
+from semflow_jax.models import build_model
+
+
+def abstract_train_state(config):
+    """Shapes and dtypes of the training state {"params", "opt", "ema", "step"}, on the first device."""
+    from semflow_jax.train import init_state, make_optimizer
+
+    model = build_model(config)
+    tx = make_optimizer(config.train)
+    shapes = jax.eval_shape(lambda r: init_state(config, model, tx, r), jax.random.PRNGKey(0))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
+
+
+def sample_keys(seed: int, n: int) -> np.ndarray:
+    """One PRNG key per example, key i = fold_in(PRNGKey(seed), i): a sample is independent of batching."""
+    base = jax.random.PRNGKey(seed)
+    return np.asarray(jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(n)))
+
+
+class SemFlow:
+    """A trained SemFlow model: one velocity network that segments (t: 0 -> 1) and synthesizes (t: 1 -> 0)."""
+
+    def __init__(self, config, params):
+        self.config = config_lib.validate(config)
+        self.params = params
+        self.model = build_model(config)
+        self.anchors = jnp.asarray(
+            flow.anchors_for(config.data.num_classes, config.anchors.base, config.anchors.spacing)
+        )
+        self.num_classes = int(config.data.num_classes)
+        self.image_size = int(config.data.image_size)
+
+    @classmethod
+    def from_workdir(cls, workdir: str, ema: bool = True, step: int | None = None) -> SemFlow:
+        """Loads config.json and the newest (or given) checkpoint of a training workdir; EMA weights by default."""
+        if not os.path.isdir(workdir):
+            raise SemFlowError(f"workdir {workdir!r} does not exist")
+        config = config_lib.load(workdir)
+        ckpt_dir = os.path.join(workdir, "checkpoints")
+        if not checkpoint.has_checkpoint(ckpt_dir):
+            raise SemFlowError(f"no checkpoint in {ckpt_dir}: train first (python -m semflow_jax.train)")
+        ckpt = checkpoint.Checkpointer(ckpt_dir, create=False, async_save=False)
+        state, _ = ckpt.restore(abstract_train_state(config), step)
+        ckpt.close()
+        return cls(config, state["ema" if ema else "params"])
+
+    # ------------------------------------------------------------------------------------------------------
+    def _check_images(self, images) -> np.ndarray:
+        images = np.asarray(images)
+        s = self.image_size
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (s, s, 3):
+            raise SemFlowError(
+                f"images must be uint8 [N, {s}, {s}, 3], got {images.dtype} {list(images.shape)}"
+            )
+        return images
+
+    def _check_labels(self, labels) -> np.ndarray:
+        labels = np.asarray(labels)
+        s = self.image_size
+        if not np.issubdtype(labels.dtype, np.integer) or labels.ndim != 3 or labels.shape[1:] != (s, s):
+            raise SemFlowError(
+                f"labels must be integer [N, {s}, {s}], got {labels.dtype} {list(labels.shape)}"
+            )
+        bad = (labels < 0) | ((labels >= self.num_classes) & (labels != flow.IGNORE_LABEL))
+        if bad.any():
+            raise SemFlowError(
+                f"labels must be class ids in [0, {self.num_classes}) or {flow.IGNORE_LABEL} (ignore); "
+                f"found {int(labels[bad][0])}"
+            )
+        return labels.astype(np.int32)
+
+    def _chunks(self, n: int, batch_size: int | None):
+        b = int(batch_size or self.config.eval.batch_size)
+        for start in range(0, n, b):
+            yield start, min(start + b, n), b
+
+    @staticmethod
+    def _pad(x: np.ndarray, b: int) -> np.ndarray:
+        return np.concatenate([x, np.repeat(x[-1:], b - len(x), axis=0)]) if len(x) < b else x
+
+    def segment(self, images, steps: int | None = None, solver: str | None = None, batch_size=None):
+        """uint8 images [N, H, W, 3] -> int32 class ids [N, H, W]. Deterministic: same image, same mask."""
+        images = self._check_images(images)
+        steps = int(steps or self.config.flow.steps)
+        solver = solver or self.config.flow.solver
+        out = []
+        for lo, hi, b in self._chunks(len(images), batch_size):
+            labels = sampling.segment(
+                self.model, self.params, self._pad(images[lo:hi], b), self.anchors, steps, solver
+            )
+            out.append(np.asarray(labels)[: hi - lo])
+        return np.concatenate(out) if out else np.zeros((0, self.image_size, self.image_size), np.int32)
+
+    def synthesize(
+        self,
+        labels,
+        steps: int | None = None,
+        beta: float | None = None,
+        seed: int = 0,
+        solver: str | None = None,
+        batch_size=None,
+    ):
+        """int class ids [N, H, W] -> uint8 images [N, H, W, 3]; beta (0-255 units) perturbs the mask.
+
+        The same seed gives the same pictures, whatever the batch size; beta=0 gives the one deterministic
+        image per mask.
+        """
+        labels = self._check_labels(labels)
+        steps = int(steps or self.config.flow.steps)
+        solver = solver or self.config.flow.solver
+        beta = float(self.config.flow.beta if beta is None else beta)
+        try:
+            flow.check_beta(beta, self.config.anchors.spacing)
+        except ValueError as e:
+            raise SemFlowError(str(e)) from None
+        keys = sample_keys(seed, len(labels))
+        out = []
+        for lo, hi, b in self._chunks(len(labels), batch_size):
+            images = sampling.synthesize(
+                self.model,
+                self.params,
+                self._pad(labels[lo:hi], b),
+                self.anchors,
+                self._pad(keys[lo:hi], b),
+                beta,
+                steps,
+                solver,
+            )
+            out.append(np.asarray(images)[: hi - lo])
+        return np.concatenate(out) if out else np.zeros((0, self.image_size, self.image_size, 3), np.uint8)

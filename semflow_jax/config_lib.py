@@ -1,0 +1,168 @@
+"""The default configuration (every key a run may set) and the checks that refuse a bad config at the edge.
+
+Config files in `configs/` start from `base_config()` and change values; `validate` then refuses keys the
+base does not have, values out of range, and combinations the method cannot honour (beta >= s/2, more classes
+than k^3 anchors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+
+from semflow_jax import flow
+from semflow_jax.errors import SemFlowError
+
+DATASETS = ("shapes",)
+DTYPES = ("float32", "bfloat16")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key a run may set, with defaults sized for the embedded `shapes` data on a CPU."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.data = dict(
+        name="shapes",
+        image_size=32,
+        num_classes=5,
+        num_train=1_000_000,  # shapes are procedural: a large index range means fresh scenes every step
+        num_val=256,
+        num_threads=2,
+        prefetch=4,
+    )
+    c.anchors = dict(base=6, spacing=50.0)
+    # beta in 0-255 units; 6.375 is the paper's +-0.05 in [-1, 1] units.
+    c.flow = dict(beta=6.375, solver="euler", steps=25)
+    c.model = dict(
+        channels=32,
+        channel_mults=(1, 2, 2),
+        num_res_blocks=1,
+        attention_resolutions=(8,),
+        num_heads=2,
+        num_groups=8,
+        dropout=0.0,
+        dtype="float32",
+    )
+    c.train = dict(
+        steps=1500,
+        batch_size=16,
+        lr=1e-3,
+        lr_schedule="cosine",  # "constant", "linear" (to 0) or "cosine" (to 0), after the warm-up
+        warmup_steps=100,
+        weight_decay=0.01,
+        b1=0.9,
+        b2=0.999,
+        grad_clip=1.0,
+        ema_decay=0.999,
+        log_every=50,
+        checkpoint_every=500,
+        keep_checkpoints=2,
+        sample_every=500,
+    )
+    c.eval = dict(
+        num_examples=256,
+        batch_size=64,
+        steps_list=(1, 2, 5, 10, 25),
+        num_samples=4,  # synthesized samples per mask for the diversity measure and the grid
+        diversity_masks=16,
+        grid_rows=8,
+    )
+    c.mesh = (("data", -1),)  # (axis name, size) pairs; -1 takes every remaining device
+    return c
+
+
+def _flat_keys(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, (dict, ml_collections.ConfigDict)):
+            out.update(_flat_keys(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Returns config unchanged if it is usable, else raises SemFlowError naming the key and the rule."""
+    have, want = _flat_keys(config), _flat_keys(base_config())
+    unknown = sorted(set(have) - set(want))
+    if unknown:
+        raise SemFlowError(f"unknown config key(s): {', '.join(unknown)}")
+    missing = sorted(set(want) - set(have))
+    if missing:
+        raise SemFlowError(f"config is missing key(s): {', '.join(missing)}")
+    d, m, t, e = config.data, config.model, config.train, config.eval
+    if d.name not in DATASETS:
+        raise SemFlowError(f"data.name must be one of {DATASETS}, got {d.name!r}")
+    if d.num_classes < 1:
+        raise SemFlowError(f"data.num_classes must be positive, got {d.num_classes}")
+    k, s = config.anchors.base, config.anchors.spacing
+    if k < 2 or s <= 0 or s * (k - 1) > 255:
+        raise SemFlowError(
+            f"anchors need base >= 2 and 0 < spacing*(base-1) <= 255, got base={k}, spacing={s}"
+        )
+    if d.num_classes > k**3:
+        raise SemFlowError(
+            f"data.num_classes={d.num_classes} exceeds the {k**3} anchors of anchors.base={k} (base**3)"
+        )
+    if not 0 <= config.flow.beta < s / 2:
+        raise SemFlowError(
+            f"flow.beta={config.flow.beta} must be in [0, anchors.spacing/2) = [0, {s / 2}): "
+            "a larger perturbation can carry a pixel to another class's anchor"
+        )
+    if config.flow.solver not in flow.SOLVERS:
+        raise SemFlowError(f"flow.solver must be one of {flow.SOLVERS}, got {config.flow.solver!r}")
+    for key, value in (
+        ("flow.steps", config.flow.steps),
+        ("train.steps", t.steps),
+        ("train.batch_size", t.batch_size),
+    ):
+        if int(value) < 1:
+            raise SemFlowError(f"{key} must be >= 1, got {value}")
+    if any(int(n) < 1 for n in e.steps_list):
+        raise SemFlowError(f"eval.steps_list must hold positive step counts, got {tuple(e.steps_list)}")
+    levels = len(m.channel_mults)
+    if d.image_size % 2 ** (levels - 1):
+        raise SemFlowError(
+            f"data.image_size={d.image_size} must be divisible by 2**(len(model.channel_mults)-1)={2 ** (levels - 1)}"
+        )
+    widths = [m.channels * mult for mult in m.channel_mults]
+    if any(w % m.num_groups for w in widths):
+        raise SemFlowError(f"model.num_groups={m.num_groups} must divide every level width {widths}")
+    if m.dtype not in DTYPES:
+        raise SemFlowError(f"model.dtype must be one of {DTYPES}, got {m.dtype!r}")
+    if t.lr_schedule not in ("constant", "linear", "cosine"):
+        raise SemFlowError(f"train.lr_schedule must be constant, linear or cosine, got {t.lr_schedule!r}")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise SemFlowError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    if e.num_samples < 2:
+        raise SemFlowError(f"eval.num_samples must be >= 2 to measure diversity, got {e.num_samples}")
+    return config
+
+
+def save(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Writes workdir/config.json (what eval and SemFlow.from_workdir rebuild the model from)."""
+    from semflow_jax.errors import atomic_write_bytes
+
+    os.makedirs(workdir, exist_ok=True)
+    atomic_write_bytes(os.path.join(workdir, "config.json"), config.to_json(indent=2).encode())
+
+
+def load(workdir: str) -> ml_collections.ConfigDict:
+    """Reads workdir/config.json back as a validated ConfigDict (lists turned back into tuples)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise SemFlowError(f"{path} not found: is {workdir!r} a semflow_jax training workdir?")
+    try:
+        raw = json.loads(open(path).read())
+    except (OSError, ValueError) as e:
+        raise SemFlowError(f"{path} is not a readable JSON config ({e})") from None
+
+    def tuplify(x):
+        if isinstance(x, dict):
+            return {k: tuplify(v) for k, v in x.items()}
+        return tuple(tuplify(v) for v in x) if isinstance(x, list) else x
+
+    return validate(ml_collections.ConfigDict(tuplify(raw)))

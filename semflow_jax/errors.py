@@ -1,0 +1,51 @@
+"""The one error type of the project, and the wrapper that turns it into one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+
+class SemFlowError(Exception):
+    """A bad input (config, file, checkpoint): the message names what is wrong and what was expected."""
+
+
+def run_cli(main: Callable[[Sequence[str]], None], prog: str) -> None:
+    """Parses absl flags and runs main; bad flags, bad configs and bad inputs exit 2 with a single line."""
+    from absl import flags
+
+    try:
+        argv = flags.FLAGS(sys.argv)
+    except Exception as e:  # flags.Error, or whatever a config file's get_config raised while loading
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        main(argv)
+    except SemFlowError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def _one_line(e: Exception) -> str:
+    """A flag or config-loading error as one line: absl quotes a config file's whole traceback, whose last
+    line is the actual error; keep the flag it concerns and that line."""
+    lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
+    if not lines:
+        return type(e).__name__
+    if len(lines) == 1:
+        from absl import flags
+
+        return lines[0] if isinstance(e, flags.Error) else f"{type(e).__name__}: {lines[0]}"
+    return f"{lines[0].split(': Error')[0]}: {lines[-1]}"
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Writes a file so that readers see either nothing or the whole thing (temp file, then rename)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)

@@ -1,0 +1,134 @@
+"""The velocity network: a time-conditioned UNet in flax.linen, sized entirely by config.
+
+`UNet().apply({"params": params}, z, t)` maps z [N, H, W, C] and the network time t [N] (already t * 1000,
+see `semflow_jax.flow.TIME_SCALE`) to a velocity of z's shape. The layout is the DDPM/ADM one: a stem
+convolution, levels of ResNet blocks (GroupNorm, SiLU, time-embedding shift) with stride-2 downsampling,
+self-attention at the configured feature-map sizes, a middle block, and a mirrored decoder with skip
+connections. A few hundred thousand parameters (channels=16) up to Stable-Diffusion scale (channels=320,
+channel_mults=(1, 2, 4, 4)) come from the same code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+def timestep_embedding(t, dim: int, max_period: float = 10000.0):
+    """Sinusoidal embedding of a [N] time vector into [N, dim] (Transformer/DDPM style, cos then sin)."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None, :]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-Conv twice, the time embedding added in between, a 1x1 skip when widths differ."""
+
+    channels: int
+    num_groups: int
+    dropout: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, temb, train: bool = False):
+        h = nn.silu(nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm1")(x))
+        h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="conv1")(h)
+        h = h + nn.Dense(self.channels, dtype=self.dtype, name="time")(nn.silu(temb))[:, None, None, :]
+        h = nn.silu(nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm2")(h))
+        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        # Zero-initialised last convolution: every block starts as the identity, which keeps a deep
+        # UNet trainable from step 0 without tuning the learning rate to its depth.
+        h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, kernel_init=nn.initializers.zeros, name="conv2")(
+            h
+        )
+        if x.shape[-1] != self.channels:
+            x = nn.Dense(self.channels, dtype=self.dtype, name="skip")(x)
+        return x + h
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over all positions of a feature map, pre-norm, residual."""
+
+    num_heads: int
+    num_groups: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        n, h, w, c = x.shape
+        y = nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm")(x).reshape(n, h * w, c)
+        y = nn.MultiHeadDotProductAttention(
+            num_heads=self.num_heads,
+            dtype=self.dtype,
+            out_kernel_init=nn.initializers.zeros,
+            name="attention",
+        )(y)
+        return x + y.reshape(n, h, w, c)
+
+
+class UNet(nn.Module):
+    """Time-conditioned UNet: (z [N, H, W, C], t [N] in network units) -> velocity [N, H, W, out]."""
+
+    out_channels: int = 3
+    channels: int = 64
+    channel_mults: Sequence[int] = (1, 2, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: Sequence[int] = (8,)
+    num_heads: int = 4
+    num_groups: int = 32
+    dropout: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, z, t, train: bool = False):
+        temb_dim = 4 * self.channels
+        temb = timestep_embedding(t, self.channels)
+        temb = nn.Dense(temb_dim, dtype=self.dtype, name="time_in")(temb)
+        temb = nn.Dense(temb_dim, dtype=self.dtype, name="time_out")(nn.silu(temb))
+
+        def res(ch, name):
+            return ResBlock(ch, self.num_groups, self.dropout, self.dtype, name=name)
+
+        def attn(name):
+            return AttentionBlock(self.num_heads, self.num_groups, self.dtype, name=name)
+
+        h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="stem")(z.astype(self.dtype))
+        skips = [h]
+        for level, mult in enumerate(self.channel_mults):
+            for i in range(self.num_res_blocks):
+                h = res(self.channels * mult, f"down{level}_res{i}")(h, temb, train)
+                if h.shape[1] in self.attention_resolutions:
+                    h = attn(f"down{level}_attn{i}")(h)
+                skips.append(h)
+            if level != len(self.channel_mults) - 1:
+                h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), dtype=self.dtype, name=f"down{level}")(h)
+                skips.append(h)
+
+        h = res(h.shape[-1], "mid_res0")(h, temb, train)
+        h = attn("mid_attn")(h)
+        h = res(h.shape[-1], "mid_res1")(h, temb, train)
+
+        for level, mult in reversed(list(enumerate(self.channel_mults))):
+            for i in range(self.num_res_blocks + 1):
+                h = jnp.concatenate([h, skips.pop()], axis=-1)
+                h = res(self.channels * mult, f"up{level}_res{i}")(h, temb, train)
+                if h.shape[1] in self.attention_resolutions:
+                    h = attn(f"up{level}_attn{i}")(h)
+            if level != 0:
+                n, hh, ww, c = h.shape
+                h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
+                h = nn.Conv(c, (3, 3), dtype=self.dtype, name=f"up{level}")(h)
+
+        h = nn.silu(nn.GroupNorm(self.num_groups, dtype=self.dtype, name="out_norm")(h))
+        out = nn.Conv(
+            self.out_channels, (3, 3), dtype=self.dtype, kernel_init=nn.initializers.zeros, name="out"
+        )(h)
+        return out.astype(jnp.float32)

@@ -1,0 +1,136 @@
+"""Train a tiny config for 2 steps on 8 simulated devices, resume, evaluate, and use the public API."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import shapes as shapes_config
+from semflow_jax import SemFlow, sampling
+from semflow_jax.data import shapes
+from semflow_jax.errors import SemFlowError
+from semflow_jax.eval import evaluate
+from semflow_jax.train import train_and_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    wd = str(tmp_path_factory.mktemp("run"))
+    config = shapes_config.get_config("tiny")
+    metrics = train_and_checkpoint(config, wd, quiet=True)
+    assert np.isfinite(metrics["loss"])
+    return wd
+
+
+def test_training_writes_checkpoint_metrics_and_pictures(workdir):
+    assert jax.device_count() == 8  # the train step ran data-parallel over 8 devices
+    assert os.path.exists(os.path.join(workdir, "config.json"))
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
+    lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [x["step"] for x in lines] == [1, 2] and all(np.isfinite(x["loss"]) for x in lines)
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+    assert os.path.exists(os.path.join(workdir, "samples", "step_000002.png"))
+
+
+def test_resume_continues_from_the_checkpoint(workdir, tmp_path):
+    import shutil
+
+    wd = str(tmp_path / "resume")
+    shutil.copytree(workdir, wd)
+    config = shapes_config.get_config("tiny")
+    config.train.steps = 4
+    train_and_checkpoint(config, wd, quiet=True)
+    steps = [json.loads(x)["step"] for x in open(os.path.join(wd, "metrics.jsonl"))]
+    assert steps == [1, 2, 3, 4]  # 1-2 from the first run, 3-4 resumed, none repeated
+
+
+def test_eval_writes_every_metric(workdir):
+    config = shapes_config.get_config("tiny")
+    metrics = evaluate(config, workdir, quiet=True)
+    on_disk = json.load(open(os.path.join(workdir, "eval", "metrics.json")))
+    assert on_disk == json.loads(json.dumps(metrics))
+    seg, syn = on_disk["segmentation"], on_disk["synthesis"]
+    assert 0 <= seg["miou"] <= 100 and set(seg["miou_by_steps"]) == {"1", "2"}
+    assert 0 <= syn["label_consistency_miou"] <= 100 and syn["diversity"] > 0
+    assert set(seg["per_class_iou"]) == set(shapes.CLASS_NAMES)
+    assert os.path.exists(os.path.join(workdir, "eval", "grid.png"))
+
+
+def test_eval_refuses_a_config_for_another_model(workdir):
+    config = shapes_config.get_config("tiny")
+    config.model.channels = 16
+    with pytest.raises(SemFlowError, match="model"):
+        evaluate(config, workdir, quiet=True)
+
+
+def test_api_segment_and_synthesize(workdir):
+    m = SemFlow.from_workdir(workdir)
+    assert m.config.data.image_size == 16 and "stem" in m.params
+    images = np.stack([shapes.make_example(0, "validation", i, 16)["image"] for i in range(5)])
+    labels = m.segment(images)
+    assert labels.shape == (5, 16, 16) and labels.dtype == np.int32
+    assert labels.min() >= 0 and labels.max() < shapes.NUM_CLASSES
+    np.testing.assert_array_equal(labels, m.segment(images))  # deterministic, bit for bit
+    np.testing.assert_array_equal(labels[:2], m.segment(images[:2], batch_size=2))
+    gt = np.stack([shapes.make_example(0, "validation", i, 16)["label"] for i in range(3)])
+    a = m.synthesize(gt, steps=2, seed=1)
+    assert a.shape == (3, 16, 16, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, m.synthesize(gt, steps=2, seed=1, batch_size=2))  # same seed, same
+    assert not np.array_equal(a, m.synthesize(gt, steps=2, seed=2))  # the perturbation varies
+    np.testing.assert_array_equal(
+        m.synthesize(gt, steps=2, beta=0, seed=1), m.synthesize(gt, steps=2, beta=0, seed=2)
+    )
+
+
+def test_api_refuses_bad_inputs(workdir):
+    m = SemFlow.from_workdir(workdir)
+    with pytest.raises(SemFlowError, match="uint8"):
+        m.segment(np.zeros((1, 16, 16, 3), np.float32))
+    with pytest.raises(SemFlowError, match=r"\[N, 16, 16, 3\]"):
+        m.segment(np.zeros((1, 32, 32, 3), np.uint8))
+    with pytest.raises(SemFlowError, match="class ids"):
+        m.synthesize(np.full((1, 16, 16), 7))
+    with pytest.raises(SemFlowError, match="beta"):
+        m.synthesize(np.zeros((1, 16, 16), np.int32), beta=25.0)
+    with pytest.raises(SemFlowError, match="does not exist"):
+        SemFlow.from_workdir(os.path.join(workdir, "nope"))
+
+
+def test_both_directions_share_one_compilation(workdir):
+    m = SemFlow.from_workdir(workdir)
+    before = sampling.run_flow._cache_size()
+    images = np.stack([shapes.make_example(0, "validation", i, 16)["image"] for i in range(4)])
+    m.segment(images, steps=3, batch_size=4)
+    m.synthesize(m.segment(images, steps=3, batch_size=4), steps=3, batch_size=4)
+    assert sampling.run_flow._cache_size() == before + 1
+
+
+def test_cli_train_then_eval(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    args = ["--config=configs/shapes.py:tiny", f"--workdir={tmp_path}"]
+    r = subprocess.run(
+        [sys.executable, "-m", "semflow_jax.train", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "step      2/2" in r.stdout
+    r = subprocess.run(
+        [sys.executable, "-m", "semflow_jax.eval", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "segmentation mIoU" in r.stdout and os.path.exists(tmp_path / "eval" / "metrics.json")
