@@ -34,7 +34,8 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.anchors = dict(base=6, spacing=50.0)
     # beta in 0-255 units; 6.375 is the paper's +-0.05 in [-1, 1] units.
-    c.flow = dict(beta=6.375, solver="euler", steps=25)
+    # time_power: training times t = u ** time_power; 1.0 is the paper's t ~ U(0, 1).
+    c.flow = dict(beta=6.375, solver="euler", steps=25, time_power=1.0)
     c.model = dict(
         channels=32,
         channel_mults=(1, 2, 2),
@@ -107,11 +108,18 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise SemFlowError(
             f"data.num_classes={d.num_classes} exceeds the {k**3} anchors of anchors.base={k} (base**3)"
         )
+    if s * (k - 1) == 255 and d.num_classes == k**3:
+        raise SemFlowError(
+            f"anchors base={k}, spacing={s} with {d.num_classes} classes make white (255, 255, 255), the "
+            "ignore colour, a class anchor; use fewer classes or a smaller spacing"
+        )
     if not 0 <= config.flow.beta < s / 2:
         raise SemFlowError(
             f"flow.beta={config.flow.beta} must be in [0, anchors.spacing/2) = [0, {s / 2}): "
             "a larger perturbation can carry a pixel to another class's anchor"
         )
+    if not config.flow.time_power > 0:
+        raise SemFlowError(f"flow.time_power must be positive, got {config.flow.time_power}")
     if config.flow.solver not in flow.SOLVERS:
         raise SemFlowError(f"flow.solver must be one of {flow.SOLVERS}, got {config.flow.solver!r}")
     for key, value in (

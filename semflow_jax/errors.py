@@ -17,6 +17,9 @@ def run_cli(main: Callable[[Sequence[str]], None], prog: str) -> None:
 
     try:
         argv = flags.FLAGS(sys.argv)
+        if "config" in flags.FLAGS:
+            # ml_collections defers a config file's load error to first use; surface it here.
+            flags.FLAGS.config.keys()
     except Exception as e:  # flags.Error, or whatever a config file's get_config raised while loading
         print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)

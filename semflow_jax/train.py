@@ -68,7 +68,7 @@ def make_train_step(config, model, tx):
         rng_t, rng_eps, rng_drop = jax.random.split(jax.random.fold_in(base_rng, step), 3)
         z0 = flow.image_to_flow(batch["image"])
         z1 = flow.perturb(rng_eps, flow.labels_to_mask(batch["label"], anchors), beta)
-        t = jax.random.uniform(rng_t, (z0.shape[0],))
+        t = flow.sample_time(rng_t, z0.shape[0], config.flow.time_power)
 
         def loss_fn(params):
             v = velocity_fn(model, params, train=True, rngs={"dropout": rng_drop})
@@ -81,7 +81,7 @@ def make_train_step(config, model, tx):
         decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
         ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], params)
         new_state = {"params": params, "opt": opt, "ema": ema, "step": step + 1}
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(step)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(step)}
         return new_state, metrics
 
     return train_step

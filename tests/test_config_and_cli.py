@@ -23,16 +23,21 @@ def test_shapes_config_is_valid():
 @pytest.mark.parametrize(
     "edit,message",
     [
-        (lambda c: c.flow.update(beta=25.0), "flow.beta"),
+        (lambda c: c.flow.update(beta=127.5), "flow.beta"),
         (lambda c: c.flow.update(beta=-1.0), "flow.beta"),
-        (lambda c: c.data.update(num_classes=217), "num_classes=217"),
+        (
+            lambda c: c.anchors.update(base=6, spacing=50.0) or c.data.update(num_classes=217),
+            "num_classes=217",
+        ),
         (lambda c: c.flow.update(solver="rk4"), "flow.solver"),
-        (lambda c: c.data.update(image_size=18), "image_size"),
+        (lambda c: c.flow.update(time_power=0.0), "flow.time_power"),
+        (lambda c: c.data.update(image_size=15), "image_size"),
         (lambda c: c.model.update(num_groups=5), "num_groups"),
         (lambda c: c.train.update(steps=0), "train.steps"),
         (lambda c: c.eval.update(num_samples=1), "num_samples"),
         (lambda c: c.data.update(name="imagenet"), "data.name"),
         (lambda c: c.train.update(stepz=3), "unknown config key"),
+        (lambda c: c.data.update(num_classes=8), "ignore colour"),  # k=2, s=255: white is class 7
     ],
 )
 def test_bad_configs_are_refused_by_name(edit, message):
@@ -77,7 +82,7 @@ def test_cli_unknown_override_key(tmp_path):
 
 
 def test_cli_invalid_beta(tmp_path):
-    r = _cli("train", "--config=configs/shapes.py:tiny", f"--workdir={tmp_path}", "--config.flow.beta=30")
+    r = _cli("train", "--config=configs/shapes.py:tiny", f"--workdir={tmp_path}", "--config.flow.beta=130")
     _one_line_error(r, "flow.beta")
     assert not os.path.exists(tmp_path / "checkpoints")
 

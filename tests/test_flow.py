@@ -158,3 +158,11 @@ def test_one_compilation_serves_both_directions():
     assert len(traces) == 1
     assert run._cache_size() == 1
     assert not np.allclose(fwd, bwd)
+
+
+@pytest.mark.parametrize("power", [1.0, 3.0])
+def test_time_sampling(power):
+    t = np.asarray(flow.sample_time(jax.random.PRNGKey(0), 20000, power))
+    assert t.min() >= 0 and t.max() < 1
+    np.testing.assert_allclose(t.mean(), 1 / (power + 1), atol=0.01)  # E[u^p] = 1 / (p + 1)
+    np.testing.assert_allclose((t < 0.05).mean(), 0.05 ** (1 / power), atol=0.01)

@@ -1,8 +1,8 @@
 """`shapes`: the embedded dataset, procedural scenes made on the fly from (seed, split, index), no files.
 
 Every example is a textured background with 1-4 overlapping objects of four classes. Colour alone does not
-give a pixel's class away: disks and squares draw their colours and textures from one shared distribution and
-differ only in shape, so a segmenter must look at the outline. Triangles (striped, green-cyan) and rings
+give a pixel's class away: disks and triangles draw their colours and textures from one shared distribution
+and differ only in shape, so a segmenter must look at the outline. Squares (striped, green-cyan) and rings
 (speckled, blue-violet) have their own distributions, each with real spread in hue, brightness and texture.
 Labels are exact: a pixel's label is the class of the top-most object covering its centre.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-CLASS_NAMES = ("background", "disk", "square", "triangle", "ring")
+CLASS_NAMES = ("background", "disk", "triangle", "square", "ring")
 NUM_CLASSES = len(CLASS_NAMES)
 # Display colours for pictures of label maps (not the flow's anchors, which are in semflow_jax.flow).
 PALETTE = np.array(
@@ -35,7 +35,7 @@ def _hsv_to_rgb(h, s, v):
 
 
 def _warm_texture(rng, yy, xx, size):
-    """Shared by disks and squares: orange-red hues, a soft directional gradient and fine grain."""
+    """Shared by disks and triangles: orange-red hues, a soft directional gradient and fine grain."""
     hue = rng.uniform(0.0, 0.12)
     sat = rng.uniform(0.55, 0.95)
     val = rng.uniform(0.6, 0.95)
@@ -46,7 +46,7 @@ def _warm_texture(rng, yy, xx, size):
 
 
 def _striped_texture(rng, yy, xx, size):
-    """Triangles: green-cyan hues with sinusoidal stripes of random orientation and period."""
+    """Squares: green-cyan hues with sinusoidal stripes of random orientation and period."""
     hue = rng.uniform(0.3, 0.5)
     angle = rng.uniform(0, np.pi)
     period = rng.uniform(3.0, 6.0) * size / 32
@@ -78,23 +78,21 @@ def _shape_mask(rng, cls, yy, xx, size):
     r = rng.uniform(0.17, 0.3) * size
     cy, cx = rng.uniform(r * 0.6, size - r * 0.6, size=2)
     dy, dx = yy - cy, xx - cx
-    # Squares tilt by at most 20 degrees: at 32 pixels a fully rotated small square is hard to tell from a
-    # disk, and the point of the pair is a shape cue that a network can learn in minutes.
-    theta = rng.uniform(-np.pi / 9, np.pi / 9) if cls == 2 else rng.uniform(0, 2 * np.pi)
+    theta = rng.uniform(0, 2 * np.pi)
     ry = np.cos(theta) * dy - np.sin(theta) * dx
     rx = np.sin(theta) * dy + np.cos(theta) * dx
     if cls == 1:  # disk
         return dy**2 + dx**2 <= r**2
-    if cls == 2:  # square, rotated; half-side chosen so its area matches a disk of radius r
-        half = r * np.sqrt(np.pi) / 2
-        return (np.abs(ry) <= half) & (np.abs(rx) <= half)
-    if cls == 3:  # equilateral triangle, rotated, circumradius 1.25 r
-        big = 1.25 * r
+    if cls == 2:  # equilateral triangle, rotated; circumradius 1.5 r gives about a disk's area
+        big = 1.5 * r
         inside = np.ones_like(yy, dtype=bool)
         for k in range(3):
             a = theta + 2 * np.pi * k / 3
             inside &= np.cos(a) * dx + np.sin(a) * dy <= big / 2
         return inside
+    if cls == 3:  # square, rotated, the area of a disk of radius r
+        half = r * np.sqrt(np.pi) / 2
+        return (np.abs(ry) <= half) & (np.abs(rx) <= half)
     # ring: an annulus, its hole showing whatever lies beneath
     d2 = dy**2 + dx**2
     return (d2 <= r**2) & (d2 >= (r * rng.uniform(0.4, 0.6)) ** 2)
