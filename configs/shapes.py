@@ -21,6 +21,15 @@ def get_config(arg=None):
     config.anchors.base = 2
     config.anchors.spacing = 255.0
     config.flow.beta = 32.0
+    # The paper samples t ~ U(0, 1). Its runs are 10^4-10^5 steps; this demo has minutes. Where t is more than
+    # a few hundredths the class is already visible in z_t = (1 - t) z0 + t z1, so under U(0, 1) only a few
+    # percent of the samples teach the network to find shapes in the image itself. t = u**3 puts 37% of
+    # them below t = 0.05 (measured here: one-step mIoU 72 -> 87 at the same budget, on an earlier variant).
+    config.flow.time_power = 3.0
+    config.train.batch_size = 8  # more, smaller steps learn faster per image at this size (and run faster)
+    config.train.steps = 3000
+    config.train.checkpoint_every = 1000
+    config.train.sample_every = 1000
     if "tiny" in options:
         # A few seconds on a CPU: exercises every code path, learns nothing.
         config.data.image_size = 16

@@ -33,11 +33,11 @@ def test_every_class_appears_and_objects_overlap():
     assert shapes.NUM_CLASSES >= 5 and (counts > 0).all()
 
 
-def test_disks_and_triangles_share_colours_other_classes_do_not():
+def test_disks_and_rings_share_colours_other_classes_do_not():
     images, labels = _pixels()
     mean = {c: images[labels == c].mean(0) for c in range(shapes.NUM_CLASSES)}
     spread = {c: images[labels == c].std(0).mean() for c in range(shapes.NUM_CLASSES)}
-    assert np.abs(mean[1] - mean[2]).max() < 12  # disks and triangles: same colour distribution
+    assert np.abs(mean[1] - mean[2]).max() < 12  # disks and rings: same colour distribution
     for c in (0, 3, 4):
         assert np.abs(mean[1] - mean[c]).max() > 40  # different colour distribution
     assert all(s > 10 for s in spread.values())  # real variation inside each class

@@ -1,9 +1,10 @@
 """`shapes`: the embedded dataset, procedural scenes made on the fly from (seed, split, index), no files.
 
 Every example is a textured background with 1-4 overlapping objects of four classes. Colour alone does not
-give a pixel's class away: disks and triangles draw their colours and textures from one shared distribution
-and differ only in shape, so a segmenter must look at the outline. Squares (striped, green-cyan) and rings
-(speckled, blue-violet) have their own distributions, each with real spread in hue, brightness and texture.
+give a pixel's class away: disks and rings draw their colours and textures from one shared distribution and
+differ only in shape (a ring has a hole), so a segmenter must look at the outline. Triangles (striped,
+green-cyan) and squares (speckled, blue-violet) have their own distributions, each with real spread in hue,
+brightness and texture.
 Labels are exact: a pixel's label is the class of the top-most object covering its centre.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-CLASS_NAMES = ("background", "disk", "triangle", "square", "ring")
+CLASS_NAMES = ("background", "disk", "ring", "triangle", "square")
 NUM_CLASSES = len(CLASS_NAMES)
 # Display colours for pictures of label maps (not the flow's anchors, which are in semflow_jax.flow).
 PALETTE = np.array(
@@ -35,7 +36,7 @@ def _hsv_to_rgb(h, s, v):
 
 
 def _warm_texture(rng, yy, xx, size):
-    """Shared by disks and triangles: orange-red hues, a soft directional gradient and fine grain."""
+    """Shared by disks and rings: orange-red hues, a soft directional gradient and fine grain."""
     hue = rng.uniform(0.0, 0.12)
     sat = rng.uniform(0.55, 0.95)
     val = rng.uniform(0.6, 0.95)
@@ -46,7 +47,7 @@ def _warm_texture(rng, yy, xx, size):
 
 
 def _striped_texture(rng, yy, xx, size):
-    """Squares: green-cyan hues with sinusoidal stripes of random orientation and period."""
+    """Triangles: green-cyan hues with sinusoidal stripes of random orientation and period."""
     hue = rng.uniform(0.3, 0.5)
     angle = rng.uniform(0, np.pi)
     period = rng.uniform(3.0, 6.0) * size / 32
@@ -56,7 +57,7 @@ def _striped_texture(rng, yy, xx, size):
 
 
 def _speckled_texture(rng, yy, xx, size):
-    """Rings: blue-violet hues with coarse speckle."""
+    """Squares: blue-violet hues with coarse speckle."""
     hue = rng.uniform(0.6, 0.78)
     v = np.clip(rng.uniform(0.55, 0.9) + rng.normal(0, 0.12, yy.shape), 0, 1)
     s = np.clip(rng.uniform(0.4, 0.8) + rng.normal(0, 0.08, yy.shape), 0, 1)
@@ -83,19 +84,19 @@ def _shape_mask(rng, cls, yy, xx, size):
     rx = np.sin(theta) * dy + np.cos(theta) * dx
     if cls == 1:  # disk
         return dy**2 + dx**2 <= r**2
-    if cls == 2:  # equilateral triangle, rotated; circumradius 1.5 r gives about a disk's area
+    if cls == 2:  # ring: an annulus, its hole showing whatever lies beneath
+        d2 = dy**2 + dx**2
+        return (d2 <= r**2) & (d2 >= (r * rng.uniform(0.4, 0.6)) ** 2)
+    if cls == 3:  # equilateral triangle, rotated; circumradius 1.5 r gives about a disk's area
         big = 1.5 * r
         inside = np.ones_like(yy, dtype=bool)
         for k in range(3):
             a = theta + 2 * np.pi * k / 3
             inside &= np.cos(a) * dx + np.sin(a) * dy <= big / 2
         return inside
-    if cls == 3:  # square, rotated, the area of a disk of radius r
-        half = r * np.sqrt(np.pi) / 2
-        return (np.abs(ry) <= half) & (np.abs(rx) <= half)
-    # ring: an annulus, its hole showing whatever lies beneath
-    d2 = dy**2 + dx**2
-    return (d2 <= r**2) & (d2 >= (r * rng.uniform(0.4, 0.6)) ** 2)
+    # square, rotated, the area of a disk of radius r
+    half = r * np.sqrt(np.pi) / 2
+    return (np.abs(ry) <= half) & (np.abs(rx) <= half)
 
 
 _TEXTURES = {1: _warm_texture, 2: _warm_texture, 3: _striped_texture, 4: _speckled_texture}
