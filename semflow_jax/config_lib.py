@@ -34,8 +34,9 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.anchors = dict(base=6, spacing=50.0)
     # beta in 0-255 units; 6.375 is the paper's +-0.05 in [-1, 1] units.
-    # time_power: training times t = u ** time_power; 1.0 is the paper's t ~ U(0, 1).
-    c.flow = dict(beta=6.375, solver="euler", steps=25, time_power=1.0)
+    # Training times: t = u ** time_power for a time_power_fraction of the batch, t = u for the rest;
+    # time_power = 1.0 is the paper's t ~ U(0, 1).
+    c.flow = dict(beta=6.375, solver="euler", steps=25, time_power=1.0, time_power_fraction=1.0)
     c.model = dict(
         channels=32,
         channel_mults=(1, 2, 2),
@@ -120,6 +121,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         )
     if not config.flow.time_power > 0:
         raise SemFlowError(f"flow.time_power must be positive, got {config.flow.time_power}")
+    if not 0.0 <= config.flow.time_power_fraction <= 1.0:
+        raise SemFlowError(
+            f"flow.time_power_fraction must be in [0, 1], got {config.flow.time_power_fraction}"
+        )
     if config.flow.solver not in flow.SOLVERS:
         raise SemFlowError(f"flow.solver must be one of {flow.SOLVERS}, got {config.flow.solver!r}")
     for key, value in (

@@ -102,14 +102,17 @@ def target_velocity(z0: jax.Array, z1: jax.Array) -> jax.Array:
     return z1 - z0
 
 
-def sample_time(rng: jax.Array, n: int, power: float = 1.0) -> jax.Array:
-    """Training times t = u ** power, u ~ U(0, 1): power 1 is the paper's t ~ U(0, 1).
+def sample_time(rng: jax.Array, n: int, power: float = 1.0, fraction: float = 1.0) -> jax.Array:
+    """Training times: each t is u ** power with probability `fraction`, else u; u ~ U(0, 1).
 
-    power > 1 (density proportional to t ** (1/power - 1)) spends more of a short budget near t = 0, the only
-    place where the network cannot read the class off the mask already blended into z_t and must find it in
-    the image; one-step segmentation is exactly v(z0, 0).
+    power = 1 is the paper's t ~ U(0, 1). power > 1 spends more of a short budget near t = 0, the only place
+    where the network cannot read the class off the mask already blended into z_t and must find it in the
+    image (one-step segmentation is exactly v(z0, 0)); fraction < 1 keeps the rest of [0, 1] covered for
+    many-step integration.
     """
-    return jax.random.uniform(rng, (n,)) ** power
+    rng_u, rng_pick = jax.random.split(rng)
+    u = jax.random.uniform(rng_u, (n,))
+    return jnp.where(jax.random.uniform(rng_pick, (n,)) < fraction, u**power, u)
 
 
 def flow_loss(velocity_fn: VelocityFn, z0: jax.Array, z1: jax.Array, t: jax.Array) -> jax.Array:

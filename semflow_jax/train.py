@@ -68,7 +68,7 @@ def make_train_step(config, model, tx):
         rng_t, rng_eps, rng_drop = jax.random.split(jax.random.fold_in(base_rng, step), 3)
         z0 = flow.image_to_flow(batch["image"])
         z1 = flow.perturb(rng_eps, flow.labels_to_mask(batch["label"], anchors), beta)
-        t = flow.sample_time(rng_t, z0.shape[0], config.flow.time_power)
+        t = flow.sample_time(rng_t, z0.shape[0], config.flow.time_power, config.flow.time_power_fraction)
 
         def loss_fn(params):
             v = velocity_fn(model, params, train=True, rngs={"dropout": rng_drop})

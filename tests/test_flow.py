@@ -160,9 +160,11 @@ def test_one_compilation_serves_both_directions():
     assert not np.allclose(fwd, bwd)
 
 
-@pytest.mark.parametrize("power", [1.0, 3.0])
-def test_time_sampling(power):
-    t = np.asarray(flow.sample_time(jax.random.PRNGKey(0), 20000, power))
+@pytest.mark.parametrize("power,fraction", [(1.0, 1.0), (3.0, 1.0), (3.0, 0.5), (3.0, 0.0)])
+def test_time_sampling(power, fraction):
+    t = np.asarray(flow.sample_time(jax.random.PRNGKey(0), 40000, power, fraction))
     assert t.min() >= 0 and t.max() < 1
-    np.testing.assert_allclose(t.mean(), 1 / (power + 1), atol=0.01)  # E[u^p] = 1 / (p + 1)
-    np.testing.assert_allclose((t < 0.05).mean(), 0.05 ** (1 / power), atol=0.01)
+    mean = fraction / (power + 1) + (1 - fraction) / 2  # E[u^p] = 1 / (p + 1)
+    below = fraction * 0.05 ** (1 / power) + (1 - fraction) * 0.05
+    np.testing.assert_allclose(t.mean(), mean, atol=0.01)
+    np.testing.assert_allclose((t < 0.05).mean(), below, atol=0.01)
