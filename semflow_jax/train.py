@@ -21,6 +21,7 @@ from semflow_jax.data import pipeline
 from semflow_jax.errors import SemFlowError
 from semflow_jax.metric_writer import MetricWriter
 from semflow_jax.models import build_model, velocity_fn
+from semflow_jax.visualize import save_png
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -133,9 +134,6 @@ def train_and_checkpoint(config, workdir: str, quiet: bool = False) -> dict:
         f"mesh {dict(mesh.shape)}  batch {config.train.batch_size} global / "
         f"{config.train.batch_size // mesh.size} per device"
     )
-    if is_main:
-        config_lib.save(config, workdir)
-
     # --- Input pipeline ------------------------------------------------------------------------------------
     data_iter = pipeline.train_iterator(config, pid, nproc)
     data_sharding = sharding.batch_sharding(mesh)
@@ -151,6 +149,8 @@ def train_and_checkpoint(config, workdir: str, quiet: bool = False) -> dict:
         state, extra = ckpt.restore(state)
         data_iter.set_state(extra["data"])
         say(f"resumed from {ckpt.directory}/{int(state['step'])}")
+    if is_main:  # only now: a config that does not fit the workdir's checkpoint must not replace its config
+        config_lib.save(config, workdir)
 
     # --- Loop -------------------------------------------------------------------------------------------------
     from semflow_jax.eval import preview_grid  # eval imports train's helpers; import here avoids a cycle
@@ -189,8 +189,6 @@ def train_and_checkpoint(config, workdir: str, quiet: bool = False) -> dict:
         if is_main and (step % tc.sample_every == 0 or step == tc.steps):
             picture = preview_grid(config, model, state["ema"], preview_batch)
             os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-            from semflow_jax.visualize import save_png
-
             save_png(os.path.join(workdir, "samples", f"step_{step:06d}.png"), picture)
             writer.write_image(step, "samples", picture)
     if tty and not quiet and is_main:

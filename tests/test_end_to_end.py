@@ -50,6 +50,19 @@ def test_resume_continues_from_the_checkpoint(workdir, tmp_path):
     assert steps == [1, 2, 3, 4]  # 1-2 from the first run, 3-4 resumed, none repeated
 
 
+def test_resume_with_another_model_is_refused_and_keeps_the_workdir(workdir, tmp_path):
+    import shutil
+
+    wd = str(tmp_path / "other")
+    shutil.copytree(workdir, wd)
+    before = open(os.path.join(wd, "config.json")).read()
+    config = shapes_config.get_config("tiny")
+    config.model.channels = 16
+    with pytest.raises(SemFlowError, match="does not fit"):
+        train_and_checkpoint(config, wd, quiet=True)
+    assert open(os.path.join(wd, "config.json")).read() == before
+
+
 def test_eval_writes_every_metric(workdir):
     config = shapes_config.get_config("tiny")
     metrics = evaluate(config, workdir, quiet=True)

@@ -37,9 +37,9 @@ def test_disks_and_rings_share_colours_other_classes_do_not():
     images, labels = _pixels()
     mean = {c: images[labels == c].mean(0) for c in range(shapes.NUM_CLASSES)}
     spread = {c: images[labels == c].std(0).mean() for c in range(shapes.NUM_CLASSES)}
-    assert np.abs(mean[1] - mean[2]).max() < 12  # disks and rings: same colour distribution
-    for c in (0, 3, 4):
-        assert np.abs(mean[1] - mean[c]).max() > 40  # different colour distribution
+    assert np.abs(mean[3] - mean[4]).max() < 12  # rings and disks: same colour distribution
+    for c in (0, 1, 2):
+        assert np.abs(mean[4] - mean[c]).max() > 40  # different colour distribution
     assert all(s > 10 for s in spread.values())  # real variation inside each class
 
 
