@@ -57,8 +57,10 @@ class SemFlow:
         if not checkpoint.has_checkpoint(ckpt_dir):
             raise SemFlowError(f"no checkpoint in {ckpt_dir}: train first (python -m semflow_jax.train)")
         ckpt = checkpoint.Checkpointer(ckpt_dir, create=False, async_save=False)
-        state, _ = ckpt.restore(abstract_train_state(config), step)
-        ckpt.close()
+        try:
+            state, _ = ckpt.restore(abstract_train_state(config), step)
+        finally:
+            ckpt.close()
         return cls(config, state["ema" if ema else "params"])
 
     # ------------------------------------------------------------------------------------------------------

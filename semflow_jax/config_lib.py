@@ -155,6 +155,26 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
+# Keys that fix the trained network; the eval config may change anything else (steps, solver, beta, eval.*).
+_MODEL_KEYS = ("model", "anchors", "data.num_classes", "data.image_size", "data.name")
+
+
+def _get(config, dotted):
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
+def check_compatible(config, trained_config) -> None:
+    """Refuses a config whose model/anchor/data-shape settings differ from those a workdir was trained with."""
+    for key in _MODEL_KEYS:
+        a, b = _get(config, key), _get(trained_config, key)
+        a = a.to_dict() if hasattr(a, "to_dict") else a
+        b = b.to_dict() if hasattr(b, "to_dict") else b
+        if json.dumps(a, sort_keys=True, default=list) != json.dumps(b, sort_keys=True, default=list):
+            raise SemFlowError(f"--config sets {key}={a} but the workdir's model was trained with {b}")
+
+
 def save(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Writes workdir/config.json (what eval and SemFlow.from_workdir rebuild the model from)."""
     from semflow_jax.errors import atomic_write_bytes

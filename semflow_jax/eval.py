@@ -18,28 +18,9 @@ import numpy as np
 from semflow_jax import config_lib
 from semflow_jax.api import SemFlow
 from semflow_jax.data import pipeline
-from semflow_jax.errors import SemFlowError, atomic_write_bytes
+from semflow_jax.errors import atomic_write_bytes
 from semflow_jax.metrics import miou
 from semflow_jax.visualize import colorize, grid, save_png
-
-# Keys that fix the trained network; the eval config may change anything else (steps, solver, beta, eval.*).
-_MODEL_KEYS = ("model", "anchors", "data.num_classes", "data.image_size", "data.name")
-
-
-def _get(config, dotted):
-    for part in dotted.split("."):
-        config = config[part]
-    return config
-
-
-def check_compatible(eval_config, trained_config) -> None:
-    """Refuses an eval config whose model/anchor/data-shape settings differ from the trained workdir's."""
-    for key in _MODEL_KEYS:
-        a, b = _get(eval_config, key), _get(trained_config, key)
-        a = a.to_dict() if hasattr(a, "to_dict") else a
-        b = b.to_dict() if hasattr(b, "to_dict") else b
-        if json.dumps(a, sort_keys=True, default=list) != json.dumps(b, sort_keys=True, default=list):
-            raise SemFlowError(f"--config sets {key}={a} but the workdir's model was trained with {b}")
 
 
 def preview_grid(config, model, params, batch, num_samples: int = 2) -> np.ndarray:
@@ -76,7 +57,7 @@ def evaluate(config, workdir: str, quiet: bool = False) -> dict:
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     started = time.time()
     semflow = SemFlow.from_workdir(workdir)
-    check_compatible(config, semflow.config)
+    config_lib.check_compatible(config, semflow.config)
     semflow.config = config  # evaluation settings (steps, solver, beta, batch) come from --config
     ec, c = config.eval, config.data.num_classes
     names, palette = pipeline.class_names_and_palette(config)

@@ -146,6 +146,8 @@ def train_and_checkpoint(config, workdir: str, quiet: bool = False) -> dict:
     # --- Checkpoint: resume if the workdir has one ------------------------------------------------------------
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
     if ckpt.latest_step() is not None:
+        if os.path.exists(os.path.join(workdir, "config.json")):
+            config_lib.check_compatible(config, config_lib.load(workdir))
         state, extra = ckpt.restore(state)
         data_iter.set_state(extra["data"])
         say(f"resumed from {ckpt.directory}/{int(state['step'])}")
