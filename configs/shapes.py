@@ -23,10 +23,10 @@ def get_config(arg=None):
     config.flow.beta = 32.0
     # The paper samples t ~ U(0, 1). Its runs are 10^4-10^5 steps; this demo has minutes. Where t is more than
     # a few hundredths the class is already visible in z_t = (1 - t) z0 + t z1, so under U(0, 1) only a few
-    # percent of the samples teach the network to find shapes in the image itself. Half the batch with
-    # t = u**3 puts 21% of all samples below t = 0.05 (one-step mIoU went 72 -> 87 at the same budget with
-    # all of it at u**3, on an earlier variant of the data); the uniform half keeps 25-step integration,
-    # which needs every t, as good as the paper's sampling makes it.
+    # percent of the samples teach the network to find shapes in the image itself. Half the batch at
+    # t = u**3 puts 21% of all samples below t = 0.05; the uniform half keeps every t trained for 25-step
+    # integration. Measured here on an earlier variant of the data (3000 steps): all-uniform gave one-step
+    # mIoU 72, all at u**3 gave 87 but 64 at 25 steps; with this mix the shipped demo reaches 95 / 94.
     config.flow.time_power = 3.0
     config.flow.time_power_fraction = 0.5
     config.train.batch_size = 8  # more, smaller steps learn faster per image at this size (and run faster)

@@ -44,8 +44,9 @@ def anchors_for(num_classes: int, base: int = 6, spacing: float = 50.0) -> np.nd
 def labels_to_mask(labels: jax.Array, anchors: jax.Array) -> jax.Array:
     """Paints class ids [..., H, W] (IGNORE_LABEL allowed) as a mask [..., H, W, 3] in [-1, 1].
 
-    Ignore pixels become white (+1, +1, +1), which is no anchor (channels stop at s * (k - 1) < 255 when
-    s * (k - 1) < 255; with the defaults the largest channel value is 250).
+    Ignore pixels become white (+1, +1, +1). White is no anchor of the dataset's classes: with the defaults
+    the largest channel value is s * (k - 1) = 250, and config validation refuses layouts where white would
+    be a used anchor.
     """
     labels = jnp.asarray(labels).astype(jnp.int32)
     ignore = labels == IGNORE_LABEL
