@@ -25,9 +25,9 @@ from semflow_jax.visualize import colorize, grid, save_png
 
 def preview_grid(config, model, params, batch, num_samples: int = 2) -> np.ndarray:
     """Rows of image | ground truth | prediction | num_samples syntheses, for a uint8 batch of a few examples."""
+    del model  # SemFlow builds the same network from config
     semflow = SemFlow(config, params)
-    semflow.model = model
-    names, palette = pipeline.class_names_and_palette(config)
+    _, palette = pipeline.class_names_and_palette(config)
     images, labels = batch["image"], batch["label"]
     pred = semflow.segment(images, batch_size=len(images))
     reps = np.repeat(labels, num_samples, axis=0)
