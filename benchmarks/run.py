@@ -23,10 +23,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from semflow_jax import config_lib, flow, sampling, sharding  # noqa: E402
+from semflow_jax import config_lib, flow, sharding  # noqa: E402
 from semflow_jax.data import pipeline  # noqa: E402
 from semflow_jax.errors import SemFlowError, atomic_write_bytes  # noqa: E402
-from semflow_jax.models import build_model  # noqa: E402
+from semflow_jax.eval import make_sampler  # noqa: E402
 from semflow_jax.train import build_training  # noqa: E402
 
 SAMPLE_STEPS = (1, 25)
@@ -65,7 +65,7 @@ def bench_train(config, repeats: int, warmup: int, steps_per_window: int) -> tup
     mesh = sharding.mesh_from_config(config.mesh)
     sharding.check_batch(config.train.batch_size, mesh, "train.batch_size")
     data_sharding = sharding.batch_sharding(mesh)
-    _, state, _, train_step = build_training(config, mesh)
+    _, state, state_sharding, train_step = build_training(config, mesh)
     num_params = int(sum(x.size for x in jax.tree.leaves(state["params"])))
 
     it = pipeline.train_iterator(config, jax.process_index(), jax.process_count())
@@ -127,24 +127,24 @@ def bench_train(config, repeats: int, warmup: int, steps_per_window: int) -> tup
         },
         "input_pipeline": {"examples_per_sec": summarize(pipeline_rates)},
     }
-    return measured, state["ema"]
+    return measured, (state["ema"], state_sharding["ema"], mesh)
 
 
-def bench_sampler(config, params, repeats: int, warmup: int) -> dict:
-    """Images/s and compile seconds of sampling.run_flow (image -> mask) at each of SAMPLE_STEPS."""
-    model = build_model(config)
+def bench_sampler(config, trained, repeats: int, warmup: int) -> dict:
+    """Images/s and compile seconds of the eval sampler (image -> mask) at each of SAMPLE_STEPS.
+
+    The sampler eval uses: jitted over the training mesh, parameters laid out as trained, batch split.
+    """
+    params, param_sharding, mesh = trained
+    sampler = make_sampler(config, mesh, param_sharding)
     b = int(config.eval.batch_size)
+    sharding.check_batch(b, mesh, "eval.batch_size")
     images = next(pipeline.eval_batches(config, min(b, int(config.data.num_val)), b))["image"]
-    # One device, as SemFlow.segment and eval run the sampler.
-    device = jax.local_devices()[0]
-    params = jax.device_put(params, device)
-    z = jax.device_put(flow.image_to_flow(jnp.asarray(images)), device)
+    z = jax.device_put(flow.image_to_flow(jnp.asarray(images)), sampler.batch_sharding)
     direction = jnp.float32(1.0)
     out = {}
     for n in SAMPLE_STEPS:
-        compiled, compile_sec = timed_compile(
-            sampling.run_flow, model, params, z, direction, num_steps=n, solver=config.flow.solver
-        )
+        compiled, compile_sec = timed_compile(sampler.compiled(n, config.flow.solver), params, z, direction)
         rates = []
         for i in range(warmup + repeats):
             start = time.perf_counter()
@@ -228,14 +228,14 @@ def run_benchmark(config, config_name: str, repeats: int, warmup: int, steps_per
             f"got {repeats}, {warmup}, {steps_per_window}"
         )
     config = config_lib.validate(config)
-    measured, ema = bench_train(config, repeats, warmup, steps_per_window)
+    measured, trained = bench_train(config, repeats, warmup, steps_per_window)
     return {
         "config_name": config_name,
         "config": json.loads(config.to_json()),
         "settings": {"repeats": repeats, "warmup": warmup, "steps_per_window": steps_per_window},
         "environment": environment(),
         **measured,
-        "sampler": bench_sampler(config, ema, repeats, warmup),
+        "sampler": bench_sampler(config, trained, repeats, warmup),
         "memory": peak_memory(),
     }
 

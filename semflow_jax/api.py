@@ -1,7 +1,8 @@
 """The public API: `SemFlow.from_workdir(DIR)`, then `segment(images)` and `synthesize(labels)`.
 
 For people who never read the trainer: numpy in, numpy out, any batch size (chunked and padded internally so
-each shape compiles once).
+each shape compiles once). Work is split over this process's devices (data parallel, parameters replicated);
+the distributed evaluator uses `semflow_jax.sampling.Sampler` over the global mesh instead.
 """
 
 from __future__ import annotations
@@ -12,20 +13,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from semflow_jax import checkpoint, config_lib, flow, sampling
+from semflow_jax import checkpoint, config_lib, flow, sampling, sharding
 from semflow_jax.errors import SemFlowError
 from semflow_jax.models import build_model
 
 
-def abstract_train_state(config):
-    """Shapes and dtypes of the training state {"params", "opt", "ema", "step"}, on the first device."""
+def abstract_train_state(config, mesh=None, fsdp: bool = False):
+    """Shapes, dtypes and shardings of the training state {"params", "opt", "ema", "step", "rng"}.
+
+    Replicated over `mesh` (default: this process's devices), or laid out by the FSDP rule with fsdp=True.
+    """
     from semflow_jax.train import init_state, make_optimizer
 
+    mesh = local_mesh() if mesh is None else mesh
     model = build_model(config)
     tx = make_optimizer(config.train)
     shapes = jax.eval_shape(lambda r: init_state(config, model, tx, r), jax.random.PRNGKey(0))
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
+    if fsdp:
+        shardings = sharding.state_sharding(shapes, mesh, config.fsdp_min_size)
+    else:
+        shardings = jax.tree.map(lambda _: sharding.replicated(mesh), shapes)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def local_mesh():
+    """This process's devices on the data axis: what the numpy API computes on."""
+    return sharding.mesh_from_config((("data", -1), ("fsdp", 1)), jax.local_devices())
 
 
 def sample_keys(seed: int, n: int) -> np.ndarray:
@@ -37,12 +50,19 @@ def sample_keys(seed: int, n: int) -> np.ndarray:
 class SemFlow:
     """A trained SemFlow model: one velocity network that segments (t: 0 -> 1) and synthesizes (t: 1 -> 0)."""
 
-    def __init__(self, config, params):
+    def __init__(self, config, params, mesh=None):
         self.config = config_lib.validate(config)
-        self.params = params
+        self.mesh = local_mesh() if mesh is None else mesh
+        self.params = jax.device_put(params, sharding.replicated(self.mesh))
         self.model = build_model(config)
         self.anchors = jnp.asarray(
             flow.anchors_for(config.data.num_classes, config.anchors.base, config.anchors.spacing)
+        )
+        self.sampler = sampling.Sampler(
+            self.model,
+            self.anchors,
+            self.mesh,
+            jax.tree.map(lambda _: sharding.replicated(self.mesh), params),
         )
         self.num_classes = int(config.data.num_classes)
         self.image_size = int(config.data.image_size)
@@ -90,6 +110,7 @@ class SemFlow:
 
     def _chunks(self, n: int, batch_size: int | None):
         b = int(batch_size or self.config.eval.batch_size)
+        b = -(-b // self.mesh.size) * self.mesh.size  # every device gets the same number of rows
         for start in range(0, n, b):
             yield start, min(start + b, n), b
 
@@ -104,9 +125,8 @@ class SemFlow:
         solver = solver or self.config.flow.solver
         out = []
         for lo, hi, b in self._chunks(len(images), batch_size):
-            labels = sampling.segment(
-                self.model, self.params, self._pad(images[lo:hi], b), self.anchors, steps, solver
-            )
+            x = jax.device_put(self._pad(images[lo:hi], b), self.sampler.batch_sharding)
+            labels = self.sampler.segment(self.params, x, steps, solver)
             out.append(np.asarray(labels)[: hi - lo])
         return np.concatenate(out) if out else np.zeros((0, self.image_size, self.image_size), np.int32)
 
@@ -135,15 +155,9 @@ class SemFlow:
         keys = sample_keys(seed, len(labels))
         out = []
         for lo, hi, b in self._chunks(len(labels), batch_size):
-            images = sampling.synthesize(
-                self.model,
-                self.params,
-                self._pad(labels[lo:hi], b),
-                self.anchors,
-                self._pad(keys[lo:hi], b),
-                beta,
-                steps,
-                solver,
+            x, k = (
+                jax.device_put(self._pad(a[lo:hi], b), self.sampler.batch_sharding) for a in (labels, keys)
             )
+            images = self.sampler.synthesize(self.params, x, k, beta, steps, solver)
             out.append(np.asarray(images)[: hi - lo])
         return np.concatenate(out) if out else np.zeros((0, self.image_size, self.image_size, 3), np.uint8)

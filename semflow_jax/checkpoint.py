@@ -1,21 +1,30 @@
-"""Checkpoints of the training state: the only module that imports orbax (its V1 API is coming).
+"""Checkpoints of a training run: the only module that imports orbax (its V1 API is coming).
 
-A checkpoint holds the state pytree (params, opt, ema, step, rng) and a JSON part (data iterator state, config).
-orbax writes each step to a temporary directory and renames it when complete, so a crash mid-save leaves
-nothing that `latest_step` would pick up.
+One checkpoint per saved step holds three items:
+  "state":  the training-state pytree (params, opt, ema, step, rng), written shard by shard from every host;
+  "data":   each process's grain iterator position (one small JSON file per process), so the batch sequence
+            continues exactly where it stopped;
+  "config": the run's config as JSON.
+orbax writes a step into a temporary directory and renames it only when every host has finished, so a crash
+mid-save (or a kill -9) leaves nothing that `latest_step` would pick up.
 """
 
 from __future__ import annotations
 
 import os
 
+import grain
 import orbax.checkpoint as ocp
 
 from semflow_jax.errors import SemFlowError
 
 
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 class Checkpointer:
-    """Saves and restores {"state": pytree, "extra": JSON} per step under `directory`."""
+    """Saves and restores the items of a training step under `directory`; keeps the newest `keep`."""
 
     def __init__(self, directory: str, keep: int = 2, async_save: bool = True, create: bool = True):
         self.directory = os.path.abspath(directory)
@@ -28,30 +37,49 @@ class Checkpointer:
         """The newest complete checkpoint's step, or None."""
         return self._manager.latest_step()
 
-    def save(self, step: int, state, extra: dict, force: bool = False) -> bool:
-        """Starts saving (asynchronously when enabled); returns whether a save was started."""
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra))
-        return self._manager.save(step, args=args, force=force)
+    def all_steps(self) -> list[int]:
+        """Steps of every complete checkpoint, oldest first."""
+        return sorted(self._manager.all_steps())
 
-    def restore(self, template, step: int | None = None):
-        """Returns (state, extra) of `step` (default: newest), laid out like `template` (arrays or shapes)."""
+    def save(
+        self, step: int, state, data_iterator=None, config_json: dict | None = None, force=False
+    ) -> bool:
+        """Starts saving (asynchronously when enabled; the arrays are copied first, so training may go on)."""
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        if config_json is not None:
+            items["config"] = ocp.args.JsonSave(config_json)
+        return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def restore(self, template, step: int | None = None, data_iterator=None):
+        """The state of `step` (default: newest), laid out like `template` (arrays or ShapeDtypeStructs with
+        shardings); also moves `data_iterator`, if given, to where that step left it."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise SemFlowError(
                 f"no checkpoint in {self.directory}: train first (python -m semflow_jax.train)"
             )
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(template), extra=ocp.args.JsonRestore())
+        items = {"state": ocp.args.StandardRestore(template)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         try:
-            out = self._manager.restore(step, args=args)
+            out = self._manager.restore(step, args=ocp.args.Composite(**items))
         except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise SemFlowError(
-                f"checkpoint {self.directory}/{step} does not fit this config: {msg}"
+                f"checkpoint {self.directory}/{step} does not fit this run: {_first_line(e)}"
             ) from None
-        return out.state, out.extra
+        return out.state
+
+    def restore_config(self, step: int | None = None) -> dict | None:
+        """The config JSON saved with `step` (default: newest), or None for a checkpoint without one."""
+        step = self.latest_step() if step is None else step
+        if step is None or not os.path.isdir(os.path.join(self.directory, str(step), "config")):
+            return None
+        return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
     def wait(self) -> None:
-        """Blocks until an asynchronous save has finished."""
+        """Blocks until an asynchronous save has been committed."""
         self._manager.wait_until_finished()
 
     def close(self) -> None:

@@ -17,6 +17,7 @@ from semflow_jax.errors import SemFlowError
 
 DATASETS = ("shapes",)
 DTYPES = ("float32", "bfloat16")
+MESH_AXES = ("data", "fsdp")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -45,11 +46,14 @@ def base_config() -> ml_collections.ConfigDict:
         num_heads=2,
         num_groups=8,
         dropout=0.0,
+        # Compute dtype. Parameters, optimizer state and the loss stay float32 whatever this says;
+        # "bfloat16" is mixed precision (activations and matmuls in bfloat16: TPU/GPU tensor cores).
         dtype="float32",
     )
     c.train = dict(
         steps=1500,
-        batch_size=16,
+        batch_size=16,  # global: split over every device of the mesh (and over the processes)
+        grad_accum_steps=1,  # micro-batches per update: batch_size / grad_accum_steps examples per pass
         lr=1e-3,
         lr_schedule="cosine",  # "constant", "linear" (to 0) or "cosine" (to 0), after the warm-up
         warmup_steps=100,
@@ -61,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
         log_every=50,
         checkpoint_every=500,
         keep_checkpoints=2,
+        async_checkpoint=True,  # write checkpoints in the background while training goes on
         sample_every=500,
     )
     c.eval = dict(
@@ -71,7 +76,10 @@ def base_config() -> ml_collections.ConfigDict:
         diversity_masks=16,
         grid_rows=8,
     )
-    c.mesh = (("data", -1),)  # (axis name, size) pairs; -1 takes every remaining device
+    # (axis name, size) pairs; -1 takes every remaining device. "data": data parallel; "fsdp": the batch is
+    # split over it too, and every state array of at least fsdp_min_size elements is split along it.
+    c.mesh = (("data", -1), ("fsdp", 1))
+    c.fsdp_min_size = 2**14
     return c
 
 
@@ -150,6 +158,18 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise SemFlowError(f"train.lr_schedule must be constant, linear or cosine, got {t.lr_schedule!r}")
     if not 0.0 <= t.ema_decay < 1.0:
         raise SemFlowError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    names = [str(a[0]) for a in config.mesh]
+    if not names or any(len(a) != 2 for a in config.mesh) or not set(names) <= set(MESH_AXES):
+        raise SemFlowError(
+            f"mesh must be (name, size) pairs with names from {MESH_AXES}, got {tuple(config.mesh)}"
+        )
+    if int(t.grad_accum_steps) < 1 or t.batch_size % int(t.grad_accum_steps):
+        raise SemFlowError(
+            f"train.grad_accum_steps={t.grad_accum_steps} must be >= 1 and divide "
+            f"train.batch_size={t.batch_size}"
+        )
+    if int(config.fsdp_min_size) < 1:
+        raise SemFlowError(f"fsdp_min_size must be >= 1, got {config.fsdp_min_size}")
     if e.num_samples < 2:
         raise SemFlowError(f"eval.num_samples must be >= 2 to measure diversity, got {e.num_samples}")
     return config
@@ -192,6 +212,11 @@ def load(workdir: str) -> ml_collections.ConfigDict:
         raw = json.loads(open(path).read())
     except (OSError, ValueError) as e:
         raise SemFlowError(f"{path} is not a readable JSON config ({e})") from None
+    return from_dict(raw)
+
+
+def from_dict(raw: dict) -> ml_collections.ConfigDict:
+    """A validated ConfigDict from its JSON form (lists turned back into tuples)."""
 
     def tuplify(x):
         if isinstance(x, dict):

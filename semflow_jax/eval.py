@@ -8,37 +8,76 @@ against the input mask), diversity (mean pairwise RMS distance between samples o
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from semflow_jax import config_lib
-from semflow_jax.api import SemFlow
+from semflow_jax import checkpoint, config_lib, distributed, flow, sharding
+from semflow_jax.api import abstract_train_state
 from semflow_jax.data import pipeline
-from semflow_jax.errors import atomic_write_bytes
+from semflow_jax.errors import SemFlowError, atomic_write_bytes
 from semflow_jax.metrics import miou
+from semflow_jax.models import build_model
+from semflow_jax.sampling import Sampler
 from semflow_jax.visualize import colorize, grid, save_png
 
 
-def preview_grid(config, model, params, batch, num_samples: int = 2) -> np.ndarray:
-    """Rows of image | ground truth | prediction | num_samples syntheses, for a uint8 batch of a few examples."""
-    del model  # SemFlow builds the same network from config
-    semflow = SemFlow(config, params)
+def make_sampler(config, mesh, param_sharding) -> Sampler:
+    """The Sampler of config's model and anchors over mesh, parameters laid out as `param_sharding`."""
+    anchors = flow.anchors_for(config.data.num_classes, config.anchors.base, config.anchors.spacing)
+    return Sampler(build_model(config), anchors, mesh, param_sharding)
+
+
+def example_keys(seed: int, index, sample: int = 0):
+    """One PRNG key per example from its dataset index: a sample depends on neither batching nor hosts."""
+    base = jax.random.fold_in(jax.random.PRNGKey(seed), sample)
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(index)
+
+
+def global_batches(config, mesh, num_examples: int, batch_size: int):
+    """eval_batches of this process, each assembled into global arrays over mesh (padding rows invalid)."""
+    for local in pipeline.eval_batches(
+        config, num_examples, batch_size, "validation", jax.process_index(), jax.process_count()
+    ):
+        yield {k: sharding.to_global(v, mesh) for k, v in local.items()}
+
+
+def host_rows(arrays: dict) -> dict:
+    """Every process's valid rows of global batch arrays, gathered to the host and sorted by example index."""
+    host = {k: sharding.to_host(v) for k, v in arrays.items()}
+    order = np.argsort(host["index"][host["valid"]], kind="stable")
+    return {k: v[host["valid"]][order] for k, v in host.items()}
+
+
+def preview_grid(config, sampler, params, batch, num_samples: int = 2) -> np.ndarray:
+    """Rows of image | ground truth | prediction | num_samples syntheses for a global batch of a few examples.
+
+    Collective on several processes: every process calls it with its part of the batch.
+    """
+    steps, solver, beta = int(config.flow.steps), config.flow.solver, float(config.flow.beta)
+    out = {k: batch[k] for k in ("image", "label", "index", "valid")}
+    out["pred"] = sampler.segment(params, batch["image"], steps, solver)
+    for s in range(num_samples):
+        keys = example_keys(config.seed, batch["index"], s)
+        out[f"sample{s}"] = sampler.synthesize(params, batch["label"], keys, beta, steps, solver)
+    rows = host_rows(out)
     _, palette = pipeline.class_names_and_palette(config)
-    images, labels = batch["image"], batch["label"]
-    pred = semflow.segment(images, batch_size=len(images))
-    reps = np.repeat(labels, num_samples, axis=0)
-    samples = semflow.synthesize(reps, seed=0, batch_size=len(reps)).reshape(
-        (len(labels), num_samples) + images.shape[1:]
-    )
-    rows = [
-        [images[i], colorize(labels[i], palette), colorize(pred[i], palette), *samples[i]]
-        for i in range(len(images))
+    pictures = [
+        [
+            rows["image"][i],
+            colorize(rows["label"][i], palette),
+            colorize(rows["pred"][i], palette),
+            *(rows[f"sample{s}"][i] for s in range(num_samples)),
+        ]
+        for i in range(len(rows["index"]))
     ]
-    return grid(rows, scale=max(1, 128 // images.shape[1]))
+    return grid(pictures, scale=max(1, 128 // rows["image"].shape[1]))
 
 
 def mean_pairwise_distance(samples: np.ndarray) -> float:
@@ -51,51 +90,105 @@ def mean_pairwise_distance(samples: np.ndarray) -> float:
     return float(np.mean(dists))
 
 
+def pairwise_distance_sum(samples, valid):
+    """Device twin of `mean_pairwise_distance` over a batch: (sum over valid rows of the row's mean pairwise
+    RMS distance, number of valid rows); samples is a sequence of S uint8 [B, H, W, 3] arrays."""
+    x = [s.astype(jnp.float32) / 255.0 for s in samples]
+    per_pair = [
+        jnp.sqrt(jnp.mean((x[a] - x[b]) ** 2, axis=(1, 2, 3)))
+        for a, b in itertools.combinations(range(len(x)), 2)
+    ]
+    per_row = jnp.mean(jnp.stack(per_pair), axis=0)
+    return jnp.sum(jnp.where(valid, per_row, 0.0)), jnp.sum(valid.astype(jnp.int32))
+
+
+def restore_for_eval(workdir: str, mesh):
+    """(trained config, EMA parameters laid out by the FSDP rule on mesh, their sharding) of a workdir."""
+    trained = config_lib.load(workdir)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not checkpoint.has_checkpoint(ckpt_dir):
+        raise SemFlowError(f"no checkpoint in {ckpt_dir}: train first (python -m semflow_jax.train)")
+    template = abstract_train_state(trained, mesh, fsdp=True)
+    ckpt = checkpoint.Checkpointer(ckpt_dir, create=False, async_save=False)
+    try:
+        state = ckpt.restore(template)
+    finally:
+        ckpt.close()
+    return trained, state["ema"], jax.tree.map(lambda s: s.sharding, template["ema"])
+
+
 def evaluate(config, workdir: str, quiet: bool = False) -> dict:
-    """Runs every metric on config.eval.num_examples validation examples; writes DIR/eval/*; returns metrics."""
+    """Runs every metric on config.eval.num_examples validation examples; writes DIR/eval/*; returns metrics.
+
+    Runs on the config's mesh, on one process or many: each process reads its share of every global batch,
+    padded so all processes run the same batches; padding rows are masked out of every sum. Confusion
+    matrices and distances are reduced on the devices; process 0 writes the files.
+    """
     config = config_lib.validate(config)
-    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    is_main = jax.process_index() == 0
+    say = (lambda *a: None) if quiet or not is_main else (lambda *a: print(*a, flush=True))
     started = time.time()
-    semflow = SemFlow.from_workdir(workdir)
-    config_lib.check_compatible(config, semflow.config)
-    semflow.config = config  # evaluation settings (steps, solver, beta, batch) come from --config
+    if not os.path.isdir(workdir):
+        raise SemFlowError(f"workdir {workdir!r} does not exist")
+    mesh = sharding.mesh_from_config(config.mesh)
     ec, c = config.eval, config.data.num_classes
+    sharding.check_batch(ec.batch_size, mesh, "eval.batch_size")
+    trained, params, param_sharding = restore_for_eval(workdir, mesh)
+    config_lib.check_compatible(config, trained)
+    sampler = make_sampler(config, mesh, param_sharding)
     names, palette = pipeline.class_names_and_palette(config)
+    main_steps, solver, beta = int(config.flow.steps), config.flow.solver, float(config.flow.beta)
+    repl = sharding.replicated(mesh)
+    confusion = jax.jit(functools.partial(miou.confusion_matrix_device, num_classes=c), out_shardings=repl)
+    distances = jax.jit(pairwise_distance_sum, out_shardings=repl)
 
-    images, labels = [], []
-    for batch in pipeline.eval_batches(config, ec.num_examples, ec.batch_size):
-        images.append(batch["image"][batch["valid"]])
-        labels.append(batch["label"][batch["valid"]])
-    images, labels = np.concatenate(images), np.concatenate(labels)
-    say(f"evaluating {len(images)} validation examples from {workdir}")
+    def host_value(x):
+        return np.asarray(x.addressable_data(0))
 
-    # --- Segmentation: image -> mask, for every step count -------------------------------------------------
-    steps_list = sorted(set(int(n) for n in ec.steps_list) | {int(config.flow.steps)})
-    by_steps, cms, preds = {}, {}, {}
+    # --- One pass over the data: segmentation at every step count; synthesis from the mask (perturbed),
+    # then back with the same model (label consistency) ---------------------------------------------------
+    steps_list = sorted(set(int(n) for n in ec.steps_list) | {main_steps})
+    cms = {n: np.zeros((c, c), np.int64) for n in steps_list}
+    cm_synth, num_examples = np.zeros((c, c), np.int64), int(ec.num_examples)
+    for b in global_batches(config, mesh, ec.num_examples, ec.batch_size):
+        for n in steps_list:
+            pred = sampler.segment(params, b["image"], n, solver)
+            cms[n] += host_value(confusion(pred, b["label"], valid=b["valid"]))
+        keys = example_keys(config.seed, b["index"])
+        synthesized = sampler.synthesize(params, b["label"], keys, beta, main_steps, solver)
+        relabelled = sampler.segment(params, synthesized, main_steps, solver)
+        cm_synth += host_value(confusion(relabelled, b["label"], valid=b["valid"]))
+    say(f"evaluated {num_examples} validation examples from {workdir} on mesh {dict(mesh.shape)}")
+    by_steps = {str(n): miou.mean_iou(cms[n]) for n in steps_list}
     for n in steps_list:
-        preds[n] = semflow.segment(images, steps=n)
-        cms[n] = miou.confusion_matrix(preds[n], labels, c)
-        by_steps[str(n)] = miou.mean_iou(cms[n])
         say(f"  segmentation, {n:>3d} steps: mIoU {by_steps[str(n)]:.2f}")
-    main_steps = int(config.flow.steps)
     per_class = miou.iou_per_class(cms[main_steps])
+    consistency = miou.mean_iou(cm_synth)
+    say(f"  synthesis label consistency ({main_steps} steps, beta {beta}): mIoU {consistency:.2f}")
 
-    # --- Synthesis: mask -> image (perturbed), then back with the same model -------------------------------
-    synthesized = semflow.synthesize(labels, seed=config.seed)
-    relabelled = semflow.segment(synthesized)
-    consistency = miou.mean_iou(miou.confusion_matrix(relabelled, labels, c))
-    say(
-        f"  synthesis label consistency ({main_steps} steps, beta {config.flow.beta}): mIoU {consistency:.2f}"
-    )
-
-    m, s = min(ec.diversity_masks, len(labels)), int(ec.num_samples)
-    samples = semflow.synthesize(np.repeat(labels[:m], s, axis=0), seed=config.seed + 1)
-    samples = samples.reshape((m, s) + images.shape[1:])
-    diversity = mean_pairwise_distance(samples)
+    # --- Diversity: num_samples syntheses of each of the first diversity_masks masks -----------------------
+    m, s = min(ec.diversity_masks, num_examples), int(ec.num_samples)
+    total, count, first = 0.0, 0, None
+    for b in global_batches(config, mesh, m, ec.batch_size):
+        keys = [example_keys(config.seed + 1, b["index"], j) for j in range(s)]
+        samples = [sampler.synthesize(params, b["label"], k, beta, main_steps, solver) for k in keys]
+        d, n = distances(samples, b["valid"])
+        total, count = total + float(host_value(d)), count + int(host_value(n))
+        if first is None:  # the picture's rows
+            pred = sampler.segment(params, b["image"], main_steps, solver)
+            keep = {
+                "image": b["image"],
+                "label": b["label"],
+                "pred": pred,
+                "index": b["index"],
+                "valid": b["valid"],
+            }
+            first = host_rows({**keep, **{f"sample{j}": x for j, x in enumerate(samples)}})
+    diversity = total / max(count, 1)
     say(f"  synthesis diversity ({m} masks x {s} samples): {diversity:.4f}")
 
     metrics = {
-        "num_examples": int(len(images)),
+        "num_examples": num_examples,
         "segmentation": {
             "miou": by_steps[str(main_steps)],
             "steps": main_steps,
@@ -109,20 +202,27 @@ def evaluate(config, workdir: str, quiet: bool = False) -> dict:
             "label_consistency_miou": consistency,
             "diversity": diversity,
             "steps": main_steps,
-            "beta": float(config.flow.beta),
+            "beta": beta,
         },
-        "solver": config.flow.solver,
+        "solver": solver,
         "seconds": time.time() - started,
     }
+    if not is_main:
+        return metrics
 
     out_dir = os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     rows = [
-        [images[i], colorize(labels[i], palette), colorize(preds[main_steps][i], palette), *samples[i]]
-        for i in range(min(ec.grid_rows, m))
+        [
+            first["image"][i],
+            colorize(first["label"][i], palette),
+            colorize(first["pred"][i], palette),
+            *(first[f"sample{j}"][i] for j in range(s)),
+        ]
+        for i in range(min(ec.grid_rows, len(first["index"])))
     ]
     grid_path = os.path.join(out_dir, "grid.png")
-    save_png(grid_path, grid(rows, scale=max(1, 128 // images.shape[1])))
+    save_png(grid_path, grid(rows, scale=max(1, 128 // first["image"].shape[1])))
     metrics_path = os.path.join(out_dir, "metrics.json")
     atomic_write_bytes(metrics_path, (json.dumps(metrics, indent=2) + "\n").encode())
     say(
@@ -134,10 +234,11 @@ def evaluate(config, workdir: str, quiet: bool = False) -> dict:
 
 
 def main(argv):
-    """CLI entry: --config and --workdir."""
+    """CLI entry: --config and --workdir, and the multi-process flags of semflow_jax.distributed."""
     del argv
     from absl import flags
 
+    distributed.initialize_from_flags()
     evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
@@ -150,4 +251,5 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/shapes.py.", lock_config=True)
     flags.DEFINE_string("workdir", None, "A training workdir (config.json + checkpoints/).")
     flags.mark_flags_as_required(["config", "workdir"])
+    distributed.define_flags()
     run_cli(main, "semflow_jax.eval")

@@ -1,37 +1,69 @@
-"""Segmentation and synthesis with a trained velocity network: both call one jitted integrator.
+"""Segmentation and synthesis on a device mesh: both directions call one jitted integrator.
 
-`run_flow` compiles once per (model, shape, steps, solver); the direction is a traced argument, so image ->
-mask and mask -> image share the executable.
+A `Sampler` jits `flow.integrate` over a mesh with explicit shardings: parameters laid out as given (FSDP
+splits from training, or replicated), batches split over every device. It compiles once per (batch shape,
+steps, solver); the direction is a traced argument, so image -> mask and mask -> image share the executable.
+Inputs and outputs are global jax Arrays; `semflow_jax.api.SemFlow` wraps this in numpy in, numpy out.
 """
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from semflow_jax import flow
+from semflow_jax import flow, sharding
 from semflow_jax.models import velocity_fn
 
 
-@functools.partial(jax.jit, static_argnames=("model", "num_steps", "solver", "return_trajectory"))
-def run_flow(model, params, z, direction, num_steps: int, solver: str = "euler", return_trajectory=False):
-    """Integrates the model's ODE from z; direction +1.0 (t: 0 -> 1) or -1.0 (t: 1 -> 0), a traced scalar."""
-    return flow.integrate(velocity_fn(model, params), z, direction, num_steps, solver, return_trajectory)
+class Sampler:
+    """The velocity network `model` with its anchors, integrated over `mesh`."""
 
+    def __init__(self, model, anchors, mesh, param_sharding):
+        self.model, self.mesh = model, mesh
+        self.anchors = jax.device_put(jnp.asarray(anchors, jnp.float32), sharding.replicated(mesh))
+        self.param_sharding = param_sharding
+        self.batch_sharding = sharding.batch_sharding(mesh)
+        self._compiled = {}
 
-def segment(model, params, images, anchors, num_steps: int, solver: str = "euler"):
-    """uint8 images [N, H, W, 3] -> int32 labels [N, H, W]: integrate forward, read the nearest anchor."""
-    z = run_flow(model, params, flow.image_to_flow(images), jnp.float32(1.0), num_steps, solver)
-    return flow.mask_to_labels(z, anchors)
+    def compiled(self, num_steps: int, solver: str = "euler", return_trajectory: bool = False):
+        """The jitted integrator f(params, z, direction) for these static settings (built once, then reused)."""
+        key = (int(num_steps), solver, bool(return_trajectory))
+        if key not in self._compiled:
+            model = self.model
 
+            def run(params, z, direction):
+                return flow.integrate(
+                    velocity_fn(model, params), z, direction, int(num_steps), solver, return_trajectory
+                )
 
-def synthesize(model, params, labels, anchors, rngs, beta: float, num_steps: int, solver: str = "euler"):
-    """int labels [N, H, W] -> uint8 images [N, H, W, 3]: perturb the painted mask, integrate backward.
+            out = self.batch_sharding
+            if return_trajectory:  # [steps + 1, N, ...]: the batch is the second dimension there
+                out = (out, NamedSharding(self.mesh, P(None, self.mesh.axis_names)))
+            self._compiled[key] = jax.jit(
+                run,
+                in_shardings=(self.param_sharding, self.batch_sharding, sharding.replicated(self.mesh)),
+                out_shardings=out,
+            )
+        return self._compiled[key]
 
-    rngs [N] holds one key per example, so a sample does not depend on what else is in its batch.
-    """
-    mask = jax.vmap(flow.perturb, in_axes=(0, 0, None))(rngs, flow.labels_to_mask(labels, anchors), beta)
-    z = run_flow(model, params, mask, jnp.float32(-1.0), num_steps, solver)
-    return flow.flow_to_image(z)
+    def run_flow(self, params, z, direction: float, num_steps: int, solver="euler", return_trajectory=False):
+        """Integrates from global z; direction +1.0 (t: 0 -> 1) or -1.0 (t: 1 -> 0)."""
+        f = self.compiled(num_steps, solver, return_trajectory)
+        return f(params, z, jnp.float32(direction))
+
+    def segment(self, params, images, num_steps: int, solver: str = "euler"):
+        """uint8 images [N, H, W, 3] -> int32 labels [N, H, W]: integrate forward, read the nearest anchor."""
+        z = self.run_flow(params, flow.image_to_flow(images), 1.0, num_steps, solver)
+        return flow.mask_to_labels(z, self.anchors)
+
+    def synthesize(self, params, labels, rngs, beta: float, num_steps: int, solver: str = "euler"):
+        """int labels [N, H, W] -> uint8 images [N, H, W, 3]: perturb the painted mask, integrate backward.
+
+        rngs [N] holds one key per example, so a sample does not depend on what else is in its batch.
+        """
+        mask = flow.labels_to_mask(labels, self.anchors)
+        mask = jax.vmap(flow.perturb, in_axes=(0, 0, None))(rngs, mask, beta)
+        z = self.run_flow(params, mask, -1.0, num_steps, solver)
+        return flow.flow_to_image(z)

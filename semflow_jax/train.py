@@ -7,16 +7,20 @@ A run restarted with the same workdir resumes from its newest complete checkpoin
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
+import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from semflow_jax import checkpoint, config_lib, flow, sharding
+from semflow_jax import checkpoint, config_lib, distributed, flow, sharding
 from semflow_jax.data import pipeline
 from semflow_jax.errors import SemFlowError
 from semflow_jax.metric_writer import MetricWriter
@@ -48,40 +52,83 @@ def make_optimizer(tc):
 
 
 def init_state(config, model, tx, rng):
-    """{"params", "opt", "ema", "step"}: plain pytrees, the EMA starting at the initial parameters."""
+    """{"params", "opt", "ema", "step", "rng"}: plain pytrees, the EMA starting at the initial parameters.
+
+    "rng" is the training key, split once per step: it is part of the state so a resumed run draws the
+    same times, perturbations and dropout masks as an uninterrupted one.
+    """
+    init_rng, train_rng = jax.random.split(rng)
     s = config.data.image_size
     z = jnp.zeros((1, s, s, 3), jnp.float32)
-    params = model.init(rng, z, jnp.zeros((1,), jnp.float32))["params"]
-    return {"params": params, "opt": tx.init(params), "ema": params, "step": jnp.zeros((), jnp.int32)}
+    params = model.init(init_rng, z, jnp.zeros((1,), jnp.float32))["params"]
+    return {
+        "params": params,
+        "opt": tx.init(params),
+        "ema": params,
+        "step": jnp.zeros((), jnp.int32),
+        "rng": train_rng,
+    }
 
 
-def make_train_step(config, model, tx):
-    """The update: flow endpoints from the uint8 batch, the rectified-flow loss, AdamW, EMA."""
+def make_train_step(config, model, tx, mesh=None):
+    """The update: flow endpoints from the uint8 batch, the rectified-flow loss, AdamW, EMA.
+
+    With train.grad_accum_steps = A the batch's gradient is the mean of A micro-batch gradients, computed
+    one after another in a lax.scan (activation memory of B/A examples). The times and perturbations are
+    drawn for the whole batch first, so the update equals the one-pass update up to float rounding.
+    """
     anchors = jnp.asarray(
         flow.anchors_for(config.data.num_classes, config.anchors.base, config.anchors.spacing)
     )
     beta, ema_decay = float(config.flow.beta), float(config.train.ema_decay)
+    accum = int(config.train.grad_accum_steps)
     schedule = make_schedule(config.train)
-    base_rng = jax.random.PRNGKey(config.seed)
+
+    def loss_and_grad(params, z0, z1, t, rng_drop):
+        def loss_fn(p):
+            v = velocity_fn(model, p, train=True, rngs={"dropout": rng_drop})
+            return flow.flow_loss(v, z0, z1, t)
+
+        return jax.value_and_grad(loss_fn)(params)
+
+    def micro_batches(x):
+        # Row j * A + i goes to micro-batch i: each device's contiguous rows stay on that device.
+        x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
+        if mesh is not None:
+            spec = P(None, mesh.axis_names, *([None] * (x.ndim - 2)))
+            x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+        return x
 
     def train_step(state, batch):
         step = state["step"]
-        rng_t, rng_eps, rng_drop = jax.random.split(jax.random.fold_in(base_rng, step), 3)
+        rng, step_rng = jax.random.split(state["rng"])
+        rng_t, rng_eps, rng_drop = jax.random.split(step_rng, 3)
         z0 = flow.image_to_flow(batch["image"])
         z1 = flow.perturb(rng_eps, flow.labels_to_mask(batch["label"], anchors), beta)
         t = flow.sample_time(rng_t, z0.shape[0], config.flow.time_power, config.flow.time_power_fraction)
 
-        def loss_fn(params):
-            v = velocity_fn(model, params, train=True, rngs={"dropout": rng_drop})
-            return flow.flow_loss(v, z0, z1, t)
+        if accum == 1:
+            loss, grads = loss_and_grad(state["params"], z0, z1, t, rng_drop)
+        else:
 
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+            def body(carry, xs):
+                i, z0_i, z1_i, t_i = xs
+                loss_i, grads_i = loss_and_grad(
+                    state["params"], z0_i, z1_i, t_i, jax.random.fold_in(rng_drop, i)
+                )
+                return jax.tree.map(jnp.add, carry, (loss_i, grads_i)), None
+
+            zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state["params"]))
+            xs = (jnp.arange(accum), micro_batches(z0), micro_batches(z1), micro_batches(t))
+            (loss, grads), _ = jax.lax.scan(body, zero, xs)
+            loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
+
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         # Warm-started EMA: the effective decay ramps up so short runs are not dominated by the init.
         decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
         ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], params)
-        new_state = {"params": params, "opt": opt, "ema": ema, "step": step + 1}
+        new_state = {"params": params, "opt": opt, "ema": ema, "step": step + 1, "rng": rng}
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(step)}
         return new_state, metrics
 
@@ -91,17 +138,22 @@ def make_train_step(config, model, tx):
 def build_training(config, mesh):
     """(model, state, state sharding, jitted train step) for config on mesh; the state is created sharded.
 
-    The step is jax.jit with explicit in/out shardings (state replicated, batch split over the mesh) and
-    donates the old state, so parameters and optimizer state are never held twice.
+    The state's layout comes from the FSDP rule (`sharding.state_sharding`): large arrays split along
+    "fsdp", the rest replicated. The init is jitted with that layout as out_shardings, so no parameter is
+    ever whole on one device. The step is jax.jit with explicit in/out shardings (batch split over the
+    mesh) and donates the old state, so parameters and optimizer state are never held twice.
     """
     model = build_model(config)
     tx = make_optimizer(config.train)
     init_rng = jax.random.PRNGKey(config.seed)
-    abstract = jax.eval_shape(lambda r: init_state(config, model, tx, r), init_rng)
-    state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
-    state = jax.jit(lambda r: init_state(config, model, tx, r), out_shardings=state_sharding)(init_rng)
+
+    def init(r):
+        return init_state(config, model, tx, r)
+
+    state_sharding = sharding.state_sharding(jax.eval_shape(init, init_rng), mesh, config.fsdp_min_size)
+    state = jax.jit(init, out_shardings=state_sharding)(init_rng)
     train_step = jax.jit(
-        make_train_step(config, model, tx),
+        make_train_step(config, model, tx, mesh),
         in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=(0,),
@@ -120,93 +172,141 @@ def _progress(step, total, loss, rate, started):
     )
 
 
+def batch_fingerprint(local_batch: dict) -> int:
+    """crc32 of this process's batch bytes: logged so two runs can be shown to read the same batches."""
+    crc = 0
+    for k in sorted(local_batch):
+        crc = zlib.crc32(np.ascontiguousarray(local_batch[k]).tobytes(), crc)
+    return crc
+
+
+def _first_non_finite(pending):
+    """(step, name, value) of the first non-finite loss or gradient norm among (step, metrics) pairs."""
+    for step, metrics in zip([s for s, _ in pending], jax.device_get([m for _, m in pending]), strict=True):
+        for name in ("loss", "grad_norm"):
+            if not np.isfinite(metrics[name]):
+                return step, name, float(metrics[name])
+    return None
+
+
 def train_and_checkpoint(config, workdir: str, quiet: bool = False) -> dict:
-    """Trains config.train.steps steps in workdir (resuming if it holds a checkpoint); returns last metrics."""
+    """Trains config.train.steps steps in workdir (resuming if it holds a checkpoint); returns last metrics.
+
+    Every process runs this with the same config. Stops early, after saving, when the run is preempted
+    (SIGTERM); the returned dict then has "preempted_at". A non-finite loss raises SemFlowError naming the
+    step, and no checkpoint is written after it.
+    """
     config = config_lib.validate(config)
     os.makedirs(workdir, exist_ok=True)
+    tc = config.train
     mesh = sharding.mesh_from_config(config.mesh)
-    sharding.check_batch(config.train.batch_size, mesh, "train.batch_size")
+    sharding.check_batch(tc.batch_size, mesh, "train.batch_size")
+    sharding.check_batch(tc.batch_size // tc.grad_accum_steps, mesh, "train.batch_size / grad_accum_steps")
     pid, nproc = jax.process_index(), jax.process_count()
     is_main = pid == 0
     say = (lambda *a: None) if quiet or not is_main else (lambda *a: print(*a, flush=True))
-    say(
-        f"process {pid}/{nproc}  devices {jax.local_device_count()} local / {jax.device_count()} global  "
-        f"mesh {dict(mesh.shape)}  batch {config.train.batch_size} global / "
-        f"{config.train.batch_size // mesh.size} per device"
-    )
-    # --- Input pipeline ------------------------------------------------------------------------------------
+    if not quiet:  # every process: a pod's logs show at once which worker sees what
+        print(distributed.startup_line(mesh, tc.batch_size), flush=True)
+
+    # --- Input pipeline: this process's rows of every global batch -----------------------------------------
     data_iter = pipeline.train_iterator(config, pid, nproc)
-    data_sharding = sharding.batch_sharding(mesh)
 
     # --- Model, optimizer, state created already sharded; the jitted update step ----------------------------
-    model, state, _, train_step = build_training(config, mesh)
+    model, state, state_sharding, train_step = build_training(config, mesh)
     num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-    say(f"model: UNet, {num_params / 1e6:.2f}M parameters")
+    split = sum(1 for sh in jax.tree.leaves(state_sharding["params"]) if sh.spec != P())
+    say(
+        f"model: UNet, {num_params / 1e6:.2f}M parameters ({split} arrays split over fsdp), "
+        f"compute {config.model.dtype}, {tc.grad_accum_steps} micro-batch(es) per step"
+    )
 
-    # --- Checkpoint: resume if the workdir has one ------------------------------------------------------------
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
+    # --- Checkpoint: resume from the newest complete one ---------------------------------------------------
+    ckpt = checkpoint.Checkpointer(
+        os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints, async_save=tc.async_checkpoint
+    )
     if ckpt.latest_step() is not None:
-        if os.path.exists(os.path.join(workdir, "config.json")):
+        saved = ckpt.restore_config()
+        if saved is not None:
+            config_lib.check_compatible(config, config_lib.from_dict(saved))
+        elif os.path.exists(os.path.join(workdir, "config.json")):
             config_lib.check_compatible(config, config_lib.load(workdir))
-        state, extra = ckpt.restore(state)
-        data_iter.set_state(extra["data"])
+        state = ckpt.restore(state, data_iterator=data_iter)
         say(f"resumed from {ckpt.directory}/{int(state['step'])}")
     if is_main:  # only now: a config that does not fit the workdir's checkpoint must not replace its config
         config_lib.save(config, workdir)
+    config_json = json.loads(config.to_json())
 
     # --- Loop -------------------------------------------------------------------------------------------------
-    from semflow_jax.eval import preview_grid  # eval imports train's helpers; import here avoids a cycle
+    from semflow_jax.eval import global_batches, make_sampler, preview_grid  # eval imports train: no cycle
 
+    sampler = make_sampler(config, mesh, state_sharding["ema"])
+    preview_size = -(-config.eval.grid_rows // mesh.size) * mesh.size
+    preview_batch = next(global_batches(config, mesh, config.eval.grid_rows, preview_size))
     writer = MetricWriter(workdir, enabled=is_main)
-    tc = config.train
+    preemption = distributed.Preemption()
     step = int(state["step"])
     started = time.time()
     window_start, window_steps = time.time(), 0
-    last = {}
-    preview_batch = next(pipeline.eval_batches(config, config.eval.grid_rows, config.eval.grid_rows))
-    tty = sys.stdout.isatty()
-    while step < tc.steps:
-        local = next(data_iter)
-        batch = {
-            k: jax.make_array_from_process_local_data(data_sharding, local[k]) for k in ("image", "label")
-        }
-        state, metrics = train_step(state, batch)
-        step += 1
-        window_steps += 1
-        if step % tc.log_every == 0 or step == tc.steps:
-            metrics = jax.device_get(metrics)
-            if not np.isfinite(metrics["loss"]):
-                raise SemFlowError(f"loss became {metrics['loss']} at step {step}; last checkpoint kept")
-            rate = window_steps / (time.time() - window_start)
-            last = {**{k: float(v) for k, v in metrics.items()}, "steps_per_sec": rate}
-            writer.write_scalars(step, last)
-            line = _progress(step, tc.steps, last["loss"], rate, started)
-            if tty and not quiet and is_main:
-                print("\r" + line, end="", flush=True)
-            else:
-                say(line)
-            window_start, window_steps = time.time(), 0
-        if step % tc.checkpoint_every == 0 or step == tc.steps:
-            ckpt.save(step, state, {"data": data_iter.get_state()}, force=step == tc.steps)
-        if is_main and (step % tc.sample_every == 0 or step == tc.steps):
-            picture = preview_grid(config, model, state["ema"], preview_batch)
-            os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-            save_png(os.path.join(workdir, "samples", f"step_{step:06d}.png"), picture)
-            writer.write_image(step, "samples", picture)
-    if tty and not quiet and is_main:
-        print()
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
+    last, pending = {}, []
+    tty = sys.stdout.isatty() and not quiet and is_main
+    try:
+        while step < tc.steps:
+            local = next(data_iter)
+            batch = {k: sharding.to_global(local[k], mesh) for k in ("image", "label")}
+            state, metrics = train_step(state, batch)
+            step += 1
+            window_steps += 1
+            pending.append((step, metrics))  # checked on the host only at log/save points: no sync per step
+            preempted = preemption.reached(step)
+            log_now = step % tc.log_every == 0 or step == tc.steps
+            save_now = step % tc.checkpoint_every == 0 or step == tc.steps or preempted
+            if log_now or save_now:
+                bad = _first_non_finite(pending)
+                if bad is not None:
+                    kept = ckpt.latest_step()
+                    raise SemFlowError(
+                        f"{bad[1]} became {bad[2]} at step {bad[0]}; stopped without saving "
+                        f"(newest checkpoint: {'none' if kept is None else kept})"
+                    )
+                pending = []
+            if log_now:
+                rate = window_steps / (time.time() - window_start)
+                last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                last.update(steps_per_sec=rate, data_crc32=batch_fingerprint(local))
+                writer.write_scalars(step, last)
+                line = _progress(step, tc.steps, last["loss"], rate, started)
+                print("\r" + line, end="", flush=True) if tty else say(line)
+                window_start, window_steps = time.time(), 0
+            if save_now:
+                ckpt.save(step, state, data_iter, config_json, force=True)
+            if step % tc.sample_every == 0 or step == tc.steps:
+                picture = preview_grid(config, sampler, state["ema"], preview_batch)  # all processes
+                if is_main:
+                    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+                    save_png(os.path.join(workdir, "samples", f"step_{step:06d}.png"), picture)
+                    writer.write_image(step, "samples", picture)
+            if preempted:
+                break
+    finally:
+        if tty:
+            print()
+        preemption.close()
+        ckpt.wait()  # an interrupted run still commits the save it started
+        ckpt.close()
+        writer.close()
+    if step < tc.steps:
+        say(f"preempted: saved checkpoint {step}, exiting; rerun the same command to resume")
+        return {**last, "preempted_at": step}
     say(f"trained {step} steps in {time.time() - started:.0f}s; checkpoints in {ckpt.directory}")
     return last
 
 
 def main(argv):
-    """CLI entry: --config and --workdir."""
+    """CLI entry: --config and --workdir, and the multi-process flags of semflow_jax.distributed."""
     del argv
     from absl import flags
 
+    distributed.initialize_from_flags()
     train_and_checkpoint(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
@@ -219,6 +319,7 @@ def _define_flags():
     )
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and pictures.")
     flags.mark_flags_as_required(["config", "workdir"])
+    distributed.define_flags()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import shapes as shapes_config
-from semflow_jax import SemFlow, sampling
+from semflow_jax import SemFlow
 from semflow_jax.data import shapes
 from semflow_jax.errors import SemFlowError
 from semflow_jax.eval import evaluate
@@ -117,11 +117,11 @@ def test_api_refuses_bad_inputs(workdir):
 
 def test_both_directions_share_one_compilation(workdir):
     m = SemFlow.from_workdir(workdir)
-    before = sampling.run_flow._cache_size()
-    images = np.stack([shapes.make_example(0, "validation", i, 16)["image"] for i in range(4)])
-    m.segment(images, steps=3, batch_size=4)
-    m.synthesize(m.segment(images, steps=3, batch_size=4), steps=3, batch_size=4)
-    assert sampling.run_flow._cache_size() == before + 1
+    images = np.stack([shapes.make_example(0, "validation", i, 16)["image"] for i in range(8)])
+    m.segment(images, steps=3, batch_size=8)
+    m.synthesize(m.segment(images, steps=3, batch_size=8), steps=3, batch_size=8)
+    compiled = m.sampler.compiled(3, m.config.flow.solver)
+    assert compiled._cache_size() == 1  # image -> mask and mask -> image: one executable
 
 
 def test_cli_train_then_eval(tmp_path):

@@ -37,15 +37,15 @@ def test_checkpoint_round_trip_and_newest_complete(tmp_path):
     ckpt = checkpoint.Checkpointer(str(tmp_path / "ck"), keep=2, async_save=False)
     state = {"w": jnp.arange(6.0).reshape(2, 3), "step": jnp.int32(3)}
     for step in (1, 2, 3):
-        ckpt.save(step, jax.tree.map(lambda x, s=step: x * s, state), {"data": {"next_index": step}})
+        ckpt.save(step, jax.tree.map(lambda x, s=step: x * s, state), config_json={"seed": step})
     ckpt.wait()
     assert ckpt.latest_step() == 3
     # A save that never completed (orbax's temporary folder) is never picked up.
     os.makedirs(tmp_path / "ck" / "4.orbax-checkpoint-tmp-123")
     assert checkpoint.Checkpointer(str(tmp_path / "ck"), create=False).latest_step() == 3
-    restored, extra = ckpt.restore(state)
+    restored = ckpt.restore(state)
     np.testing.assert_array_equal(restored["w"], 3 * state["w"])
-    assert extra == {"data": {"next_index": 3}}
+    assert ckpt.restore_config() == {"seed": 3} and ckpt.all_steps() == [2, 3]
     assert sorted(os.listdir(tmp_path / "ck"))[:2] == ["2", "3"]  # keep=2
     ckpt.close()
     assert not checkpoint.has_checkpoint(str(tmp_path / "empty"))
@@ -53,7 +53,7 @@ def test_checkpoint_round_trip_and_newest_complete(tmp_path):
 
 def test_checkpoint_that_does_not_fit_is_one_error(tmp_path):
     ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
-    ckpt.save(1, {"w": jnp.zeros((2, 3))}, {})
+    ckpt.save(1, {"w": jnp.zeros((2, 3))})
     ckpt.wait()
     with pytest.raises(SemFlowError, match="does not fit"):
         ckpt.restore({"w": jnp.zeros((4, 4))})

@@ -38,3 +38,13 @@ def mean_iou(cm: np.ndarray) -> float:
     """mIoU in percent over the classes that have an IoU."""
     iou = iou_per_class(cm)
     return float(100.0 * np.nanmean(iou)) if np.any(~np.isnan(iou)) else float("nan")
+
+
+def confusion_matrix_device(pred, gt, num_classes: int, valid):
+    """The jnp twin of `confusion_matrix` for (sharded) device arrays: int32 [C, C], `valid` [N] required."""
+    import jax.numpy as jnp
+
+    keep = (gt != IGNORE_LABEL) & valid.reshape((-1,) + (1,) * (gt.ndim - 1))
+    index = jnp.where(keep, gt.astype(jnp.int32) * num_classes + pred.astype(jnp.int32), 0)
+    counts = jnp.zeros((num_classes * num_classes,), jnp.int32).at[index.ravel()].add(keep.ravel())
+    return counts.reshape(num_classes, num_classes)
