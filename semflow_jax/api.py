@@ -78,7 +78,7 @@ class SemFlow:
             raise SemFlowError(f"no checkpoint in {ckpt_dir}: train first (python -m semflow_jax.train)")
         ckpt = checkpoint.Checkpointer(ckpt_dir, create=False, async_save=False)
         try:
-            state, _ = ckpt.restore(abstract_train_state(config), step)
+            state = ckpt.restore(abstract_train_state(config), step)
         finally:
             ckpt.close()
         return cls(config, state["ema" if ema else "params"])

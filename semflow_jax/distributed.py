@@ -22,18 +22,19 @@ def _cluster_env() -> str | None:
     """Names the multi-process environment jax can detect by itself, or None on a single machine."""
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
         return "SLURM"
-    if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
-        return "TPU pod"
     if int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
         return "Open MPI"
     return None
 
 
-def initialize(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1) -> bool:
+def initialize(
+    coordinator_address: str = "", num_processes: int = 0, process_id: int = -1, auto: bool = False
+) -> bool:
     """Joins a multi-process run; returns whether one was joined. Call before anything touches a device.
 
-    With a coordinator address all three values are used as given (e.g. several processes on one host);
-    otherwise a SLURM step, TPU pod or MPI job is detected from its environment; otherwise nothing happens.
+    With a coordinator address all three values are used as given (e.g. several processes on one host).
+    With auto, jax finds the cluster itself (TPU pod metadata, SLURM, MPI). Otherwise a SLURM step or MPI
+    job with several tasks is still detected from its environment; on one machine nothing happens.
     """
     if coordinator_address:
         if num_processes < 1 or not 0 <= process_id < num_processes:
@@ -43,7 +44,7 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
             )
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
         return True
-    if _cluster_env() is not None:
+    if auto or _cluster_env() is not None:
         jax.distributed.initialize()
         return True
     return False
@@ -118,6 +119,9 @@ def define_flags() -> None:
     )
     flags.DEFINE_integer("num_processes", 0, "Processes in the run (with --coordinator_address).")
     flags.DEFINE_integer("process_id", -1, "This process's index (with --coordinator_address).")
+    flags.DEFINE_bool(
+        "distributed", False, "Call jax.distributed.initialize() and let jax find the cluster (TPU pod, SLURM)."
+    )
     flags.DEFINE_integer("expect_processes", 0, "Fail at start unless jax sees this many processes (0: any).")
     flags.DEFINE_integer("expect_devices", 0, "Fail at start unless jax sees this many devices (0: any).")
 
@@ -127,5 +131,5 @@ def initialize_from_flags() -> None:
     from absl import flags
 
     f = flags.FLAGS
-    initialize(f.coordinator_address, f.num_processes, f.process_id)
+    initialize(f.coordinator_address, f.num_processes, f.process_id, f.distributed)
     check_topology(f.expect_processes, f.expect_devices)

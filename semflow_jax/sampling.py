@@ -26,6 +26,18 @@ class Sampler:
         self.param_sharding = param_sharding
         self.batch_sharding = sharding.batch_sharding(mesh)
         self._compiled = {}
+        # The small steps around the integrator, jitted with the batch layout as their output layout: the
+        # integrator then sees one input sharding from both directions (one executable), never a reshard.
+        bs = self.batch_sharding
+        self._image_in = jax.jit(flow.image_to_flow, out_shardings=bs)
+        self._labels_out = jax.jit(flow.mask_to_labels, out_shardings=bs)
+        self._image_out = jax.jit(flow.flow_to_image, out_shardings=bs)
+        self._mask_in = jax.jit(
+            lambda labels, rngs, anchors, beta: jax.vmap(flow.perturb, in_axes=(0, 0, None))(
+                rngs, flow.labels_to_mask(labels, anchors), beta
+            ),
+            out_shardings=bs,
+        )
 
     def compiled(self, num_steps: int, solver: str = "euler", return_trajectory: bool = False):
         """The jitted integrator f(params, z, direction) for these static settings (built once, then reused)."""
@@ -55,15 +67,14 @@ class Sampler:
 
     def segment(self, params, images, num_steps: int, solver: str = "euler"):
         """uint8 images [N, H, W, 3] -> int32 labels [N, H, W]: integrate forward, read the nearest anchor."""
-        z = self.run_flow(params, flow.image_to_flow(images), 1.0, num_steps, solver)
-        return flow.mask_to_labels(z, self.anchors)
+        z = self.run_flow(params, self._image_in(images), 1.0, num_steps, solver)
+        return self._labels_out(z, self.anchors)
 
     def synthesize(self, params, labels, rngs, beta: float, num_steps: int, solver: str = "euler"):
         """int labels [N, H, W] -> uint8 images [N, H, W, 3]: perturb the painted mask, integrate backward.
 
         rngs [N] holds one key per example, so a sample does not depend on what else is in its batch.
         """
-        mask = flow.labels_to_mask(labels, self.anchors)
-        mask = jax.vmap(flow.perturb, in_axes=(0, 0, None))(rngs, mask, beta)
+        mask = self._mask_in(labels, rngs, self.anchors, jnp.float32(beta))
         z = self.run_flow(params, mask, -1.0, num_steps, solver)
-        return flow.flow_to_image(z)
+        return self._image_out(z)

@@ -86,8 +86,10 @@ def test_fsdp_8_splits_every_large_array():
     new, metrics = step(state, {k: sharding.to_global(host[k], mesh) for k in ("image", "label")})
     assert np.isfinite(float(metrics["loss"]))
     kernel = new["params"]["down0_res0"]["conv1"]["kernel"]
-    assert kernel.sharding.spec == state_sharding["params"]["down0_res0"]["conv1"]["kernel"].spec == P(
-        None, None, None, "fsdp"
+    assert (
+        kernel.sharding.spec
+        == state_sharding["params"]["down0_res0"]["conv1"]["kernel"].spec
+        == P(None, None, None, "fsdp")
     )
     assert kernel.addressable_shards[0].data.shape[-1] == kernel.shape[-1] // 8
 
