@@ -150,7 +150,12 @@ def evaluate(config, workdir: str, quiet: bool = False) -> dict:
     steps_list = sorted(set(int(n) for n in ec.steps_list) | {main_steps})
     cms = {n: np.zeros((c, c), np.int64) for n in steps_list}
     cm_synth, num_examples = np.zeros((c, c), np.int64), int(ec.num_examples)
-    for b in global_batches(config, mesh, ec.num_examples, ec.batch_size):
+    num_batches = -(-ec.num_examples // ec.batch_size)
+    say(
+        f"evaluating {num_examples} validation examples from {workdir} on mesh {dict(mesh.shape)}: "
+        f"{num_batches} batches of {ec.batch_size}, segmentation at {steps_list} steps, synthesis at {main_steps}"
+    )
+    for i, b in enumerate(global_batches(config, mesh, ec.num_examples, ec.batch_size)):
         for n in steps_list:
             pred = sampler.segment(params, b["image"], n, solver)
             cms[n] += host_value(confusion(pred, b["label"], valid=b["valid"]))
@@ -158,7 +163,7 @@ def evaluate(config, workdir: str, quiet: bool = False) -> dict:
         synthesized = sampler.synthesize(params, b["label"], keys, beta, main_steps, solver)
         relabelled = sampler.segment(params, synthesized, main_steps, solver)
         cm_synth += host_value(confusion(relabelled, b["label"], valid=b["valid"]))
-    say(f"evaluated {num_examples} validation examples from {workdir} on mesh {dict(mesh.shape)}")
+        say(f"  batch {i + 1}/{num_batches}  [{time.time() - started:.0f}s]")
     by_steps = {str(n): miou.mean_iou(cms[n]) for n in steps_list}
     for n in steps_list:
         say(f"  segmentation, {n:>3d} steps: mIoU {by_steps[str(n)]:.2f}")
