@@ -120,7 +120,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("num_processes", 0, "Processes in the run (with --coordinator_address).")
     flags.DEFINE_integer("process_id", -1, "This process's index (with --coordinator_address).")
     flags.DEFINE_bool(
-        "distributed", False, "Call jax.distributed.initialize() and let jax find the cluster (TPU pod, SLURM)."
+        "distributed",
+        False,
+        "Call jax.distributed.initialize() and let jax find the cluster (TPU pod, SLURM).",
     )
     flags.DEFINE_integer("expect_processes", 0, "Fail at start unless jax sees this many processes (0: any).")
     flags.DEFINE_integer("expect_devices", 0, "Fail at start unless jax sees this many devices (0: any).")
