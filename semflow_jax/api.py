@@ -65,7 +65,7 @@ class SemFlow:
             jax.tree.map(lambda _: sharding.replicated(self.mesh), params),
         )
         self.num_classes = int(config.data.num_classes)
-        self.image_size = int(config.data.image_size)
+        self.image_hw = config_lib.image_hw(config)
 
     @classmethod
     def from_workdir(cls, workdir: str, ema: bool = True, step: int | None = None) -> SemFlow:
@@ -86,19 +86,19 @@ class SemFlow:
     # ------------------------------------------------------------------------------------------------------
     def _check_images(self, images) -> np.ndarray:
         images = np.asarray(images)
-        s = self.image_size
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (s, s, 3):
+        h, w = self.image_hw
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (h, w, 3):
             raise SemFlowError(
-                f"images must be uint8 [N, {s}, {s}, 3], got {images.dtype} {list(images.shape)}"
+                f"images must be uint8 [N, {h}, {w}, 3], got {images.dtype} {list(images.shape)}"
             )
         return images
 
     def _check_labels(self, labels) -> np.ndarray:
         labels = np.asarray(labels)
-        s = self.image_size
-        if not np.issubdtype(labels.dtype, np.integer) or labels.ndim != 3 or labels.shape[1:] != (s, s):
+        h, w = self.image_hw
+        if not np.issubdtype(labels.dtype, np.integer) or labels.ndim != 3 or labels.shape[1:] != (h, w):
             raise SemFlowError(
-                f"labels must be integer [N, {s}, {s}], got {labels.dtype} {list(labels.shape)}"
+                f"labels must be integer [N, {h}, {w}], got {labels.dtype} {list(labels.shape)}"
             )
         bad = (labels < 0) | ((labels >= self.num_classes) & (labels != flow.IGNORE_LABEL))
         if bad.any():
@@ -128,7 +128,7 @@ class SemFlow:
             x = jax.device_put(self._pad(images[lo:hi], b), self.sampler.batch_sharding)
             labels = self.sampler.segment(self.params, x, steps, solver)
             out.append(np.asarray(labels)[: hi - lo])
-        return np.concatenate(out) if out else np.zeros((0, self.image_size, self.image_size), np.int32)
+        return np.concatenate(out) if out else np.zeros((0, *self.image_hw), np.int32)
 
     def synthesize(
         self,
@@ -160,4 +160,4 @@ class SemFlow:
             )
             images = self.sampler.synthesize(self.params, x, k, beta, steps, solver)
             out.append(np.asarray(images)[: hi - lo])
-        return np.concatenate(out) if out else np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+        return np.concatenate(out) if out else np.zeros((0, *self.image_hw, 3), np.uint8)

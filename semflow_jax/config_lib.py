@@ -15,7 +15,9 @@ import ml_collections
 from semflow_jax import flow
 from semflow_jax.errors import SemFlowError
 
-DATASETS = ("shapes",)
+DATASETS = ("shapes", "coco_stuff", "cityscapes", "celebamask", "ade20k", "folder")
+# Datasets whose class count is fixed by their benchmark.
+NUM_CLASSES = {"coco_stuff": 171, "cityscapes": 19, "celebamask": 19, "ade20k": 150}
 DTYPES = ("float32", "bfloat16")
 MESH_AXES = ("data", "fsdp")
 
@@ -26,7 +28,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.data = dict(
         name="shapes",
-        image_size=32,
+        root="",  # the dataset's folder as published (or ArrayRecord shards with format="arrayrecord")
+        format="raw",  # "raw": read the published folders; "arrayrecord": shards from semflow_jax.data.prepare
+        skip_bad=False,  # replace a bad example by the next good one (and report it) instead of stopping
+        image_size=32,  # training/eval height; width too unless image_width is set
+        image_width=0,  # 0: square images
         num_classes=5,
         num_train=1_000_000,  # shapes are procedural: a large index range means fresh scenes every step
         num_val=256,
@@ -53,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = dict(
         steps=1500,
         batch_size=16,  # global: split over every device of the mesh (and over the processes)
+        batch_size_per_device=0,  # > 0: the global batch is this times the number of devices (overrides)
         grad_accum_steps=1,  # micro-batches per update: batch_size / grad_accum_steps examples per pass
         lr=1e-3,
         lr_schedule="cosine",  # "constant", "linear" (to 0) or "cosine" (to 0), after the warm-up
@@ -69,7 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
         sample_every=500,
     )
     c.eval = dict(
-        num_examples=256,
+        num_examples=256,  # -1: the whole validation split
         batch_size=64,
         steps_list=(1, 2, 5, 10, 25),
         num_samples=4,  # synthesized samples per mask for the diversity measure and the grid
@@ -106,6 +113,14 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     d, m, t, e = config.data, config.model, config.train, config.eval
     if d.name not in DATASETS:
         raise SemFlowError(f"data.name must be one of {DATASETS}, got {d.name!r}")
+    if d.name in NUM_CLASSES and d.num_classes != NUM_CLASSES[d.name]:
+        raise SemFlowError(
+            f"data.num_classes must be {NUM_CLASSES[d.name]} for {d.name}, got {d.num_classes}"
+        )
+    if d.format not in ("raw", "arrayrecord"):
+        raise SemFlowError(f"data.format must be raw or arrayrecord, got {d.format!r}")
+    if d.name == "shapes" and d.image_width not in (0, d.image_size):
+        raise SemFlowError("shapes scenes are square: leave data.image_width at 0")
     if d.num_classes < 1:
         raise SemFlowError(f"data.num_classes must be positive, got {d.num_classes}")
     k, s = config.anchors.base, config.anchors.spacing
@@ -142,13 +157,16 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     ):
         if int(value) < 1:
             raise SemFlowError(f"{key} must be >= 1, got {value}")
+    if e.num_examples == 0 or e.num_examples < -1:
+        raise SemFlowError(f"eval.num_examples must be >= 1, or -1 for the whole split, got {e.num_examples}")
     if any(int(n) < 1 for n in e.steps_list):
         raise SemFlowError(f"eval.steps_list must hold positive step counts, got {tuple(e.steps_list)}")
     levels = len(m.channel_mults)
-    if d.image_size % 2 ** (levels - 1):
-        raise SemFlowError(
-            f"data.image_size={d.image_size} must be divisible by 2**(len(model.channel_mults)-1)={2 ** (levels - 1)}"
-        )
+    for key, size in (("data.image_size", d.image_size), ("data.image_width", image_hw(config)[1])):
+        if size < 1 or size % 2 ** (levels - 1):
+            raise SemFlowError(
+                f"{key}={size} must be a positive multiple of 2**(len(model.channel_mults)-1)={2 ** (levels - 1)}"
+            )
     widths = [m.channels * mult for mult in m.channel_mults]
     if any(w % m.num_groups for w in widths):
         raise SemFlowError(f"model.num_groups={m.num_groups} must divide every level width {widths}")
@@ -176,7 +194,22 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 # Keys that fix the trained network; the eval config may change anything else (steps, solver, beta, eval.*).
-_MODEL_KEYS = ("model", "anchors", "data.num_classes", "data.image_size", "data.name")
+_MODEL_KEYS = ("model", "anchors", "data.num_classes", "data.image_size", "data.image_width", "data.name")
+
+
+def resolve_batch(config, num_devices: int) -> ml_collections.ConfigDict:
+    """config with train.batch_size set from train.batch_size_per_device (if that is > 0) for num_devices."""
+    if int(config.train.batch_size_per_device) <= 0:
+        return config
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.train.batch_size = int(config.train.batch_size_per_device) * num_devices
+    return config
+
+
+def image_hw(config) -> tuple[int, int]:
+    """(height, width) of the images the model is trained and evaluated on."""
+    h = int(config.data.image_size)
+    return h, int(config.data.image_width) or h
 
 
 def _get(config, dotted):
@@ -224,3 +257,51 @@ def from_dict(raw: dict) -> ml_collections.ConfigDict:
         return tuple(tuplify(v) for v in x) if isinstance(x, list) else x
 
     return validate(ml_collections.ConfigDict(tuplify(raw)))
+
+
+# Shared by the published-dataset configs in configs/ (coco, cityscapes, celebamask, ade20k, folder).
+def paper_config(name, num_classes, size, *, lr, schedule, warmup, steps, per_device_batch, dtype="float32"):
+    """A published dataset's config: the paper's anchors (k = 6, s = 50), beta = 0.05, AdamW (wd 0.01,
+    clip 1.0) and the given learning rate, schedule, warm-up, steps, per-device batch and compute dtype.
+    size is a side or (height, width)."""
+    height, width = (size, 0) if isinstance(size, int) else size
+    c = base_config()
+    c.data.name = name
+    c.data.num_classes = num_classes
+    c.data.image_size = height
+    c.data.image_width = width
+    c.data.num_threads = 16
+    c.data.prefetch = 8
+    c.anchors.base, c.anchors.spacing = 6, 50.0  # 216 anchors: channel values 0, 50, ..., 250
+    c.flow.beta = 6.375  # +-0.05 in [-1, 1] units
+    c.flow.steps = 25
+    # A pixel-space UNet until the Stable Diffusion latent model lands; at 512^2 it is sized for an
+    # accelerator, not a CPU.
+    c.model.channels = 128
+    c.model.channel_mults = (1, 1, 2, 2, 4, 4)
+    c.model.num_res_blocks = 2
+    c.model.attention_resolutions = (32, 16)
+    c.model.num_heads = 8
+    c.model.num_groups = 32
+    c.train.weight_decay, c.train.b1, c.train.b2, c.train.grad_clip = 0.01, 0.9, 0.999, 1.0
+    c.train.ema_decay = 0.9999
+    c.train.log_every = 100
+    c.train.checkpoint_every = 2000
+    c.train.sample_every = 2000
+    c.train.keep_checkpoints = 3
+    c.eval.num_examples = -1  # the whole validation split
+    c.eval.batch_size = 64
+    c.eval.steps_list = (1, 2, 5, 10, 25)
+    c.train.lr, c.train.lr_schedule, c.train.warmup_steps = lr, schedule, warmup
+    c.train.steps, c.train.batch_size_per_device, c.model.dtype = steps, per_device_batch, dtype
+    return c
+
+
+def apply_options(c, arg, known=()):
+    """Applies "key=value" options of --config=FILE:opts (e.g. root=/data/coco) onto data.*; returns c."""
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in ("root", *known):
+            raise ValueError(f"unknown option {key!r} (known: root{''.join(', ' + k for k in known)})")
+        c.data[key] = type(c.data[key])(value)
+    return c

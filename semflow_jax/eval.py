@@ -149,13 +149,14 @@ def evaluate(config, workdir: str, quiet: bool = False) -> dict:
     # then back with the same model (label consistency) ---------------------------------------------------
     steps_list = sorted(set(int(n) for n in ec.steps_list) | {main_steps})
     cms = {n: np.zeros((c, c), np.int64) for n in steps_list}
-    cm_synth, num_examples = np.zeros((c, c), np.int64), int(ec.num_examples)
-    num_batches = -(-ec.num_examples // ec.batch_size)
+    num_examples = pipeline.split_size(config) if ec.num_examples < 0 else int(ec.num_examples)
+    cm_synth = np.zeros((c, c), np.int64)
+    num_batches = -(-num_examples // ec.batch_size)
     say(
         f"evaluating {num_examples} validation examples from {workdir} on mesh {dict(mesh.shape)}: "
         f"{num_batches} batches of {ec.batch_size}, segmentation at {steps_list} steps, synthesis at {main_steps}"
     )
-    for i, b in enumerate(global_batches(config, mesh, ec.num_examples, ec.batch_size)):
+    for i, b in enumerate(global_batches(config, mesh, num_examples, ec.batch_size)):
         for n in steps_list:
             pred = sampler.segment(params, b["image"], n, solver)
             cms[n] += host_value(confusion(pred, b["label"], valid=b["valid"]))

@@ -58,8 +58,8 @@ def init_state(config, model, tx, rng):
     same times, perturbations and dropout masks as an uninterrupted one.
     """
     init_rng, train_rng = jax.random.split(rng)
-    s = config.data.image_size
-    z = jnp.zeros((1, s, s, 3), jnp.float32)
+    h, w = config_lib.image_hw(config)
+    z = jnp.zeros((1, h, w, 3), jnp.float32)
     params = model.init(init_rng, z, jnp.zeros((1,), jnp.float32))["params"]
     return {
         "params": params,
@@ -198,8 +198,9 @@ def train_and_checkpoint(config, workdir: str, quiet: bool = False) -> dict:
     """
     config = config_lib.validate(config)
     os.makedirs(workdir, exist_ok=True)
-    tc = config.train
     mesh = sharding.mesh_from_config(config.mesh)
+    config = config_lib.resolve_batch(config, mesh.size)
+    tc = config.train
     sharding.check_batch(tc.batch_size, mesh, "train.batch_size")
     sharding.check_batch(tc.batch_size // tc.grad_accum_steps, mesh, "train.batch_size / grad_accum_steps")
     pid, nproc = jax.process_index(), jax.process_count()
@@ -240,8 +241,9 @@ def train_and_checkpoint(config, workdir: str, quiet: bool = False) -> dict:
     from semflow_jax.eval import global_batches, make_sampler, preview_grid  # eval imports train: no cycle
 
     sampler = make_sampler(config, mesh, state_sharding["ema"])
-    preview_size = -(-config.eval.grid_rows // mesh.size) * mesh.size
-    preview_batch = next(global_batches(config, mesh, config.eval.grid_rows, preview_size))
+    preview_rows = min(int(config.eval.grid_rows), pipeline.split_size(config))
+    preview_size = -(-preview_rows // mesh.size) * mesh.size
+    preview_batch = next(global_batches(config, mesh, preview_rows, preview_size))
     writer = MetricWriter(workdir, enabled=is_main)
     preemption = distributed.Preemption()
     step = int(state["step"])

@@ -57,3 +57,20 @@ def test_benchmark_script_refuses_bad_settings(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("benchmarks.run: error:") and "--repeats" in proc.stderr
+
+
+def test_data_benchmark_measures_both_paths(tmp_path):
+    out = tmp_path / "data.json"
+    proc = subprocess.run(
+        [
+            sys.executable, "benchmarks/data.py", "--num_images=16", "--source_width=96", "--source_height=64",
+            "--size=32", "--batch_size=4", "--batches=2", "--repeats=2", f"--out={out}",
+        ],
+        cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for fmt in ("raw", "arrayrecord"):
+        for key in ("examples_per_sec_per_core", "examples_per_sec_all_cores"):
+            assert _positive(result[fmt][key]["median"])
+    assert _positive(result["convert_sec"]) and "generated" in result["dataset"]
