@@ -15,7 +15,7 @@ import numpy as np
 
 from semflow_jax import checkpoint, config_lib, flow, sampling, sharding
 from semflow_jax.errors import SemFlowError
-from semflow_jax.models import build_model
+from semflow_jax.models import Codec, build_model, build_vae
 
 
 def abstract_train_state(config, mesh=None, fsdp: bool = False):
@@ -50,10 +50,13 @@ def sample_keys(seed: int, n: int) -> np.ndarray:
 class SemFlow:
     """A trained SemFlow model: one velocity network that segments (t: 0 -> 1) and synthesizes (t: 1 -> 0)."""
 
-    def __init__(self, config, params, mesh=None):
+    def __init__(self, config, params, mesh=None, vae_params=None):
         self.config = config_lib.validate(config)
         self.mesh = local_mesh() if mesh is None else mesh
         self.params = jax.device_put(params, sharding.replicated(self.mesh))
+        self.vae_params = (
+            None if vae_params is None else jax.device_put(vae_params, sharding.replicated(self.mesh))
+        )
         self.model = build_model(config)
         self.anchors = jnp.asarray(
             flow.anchors_for(config.data.num_classes, config.anchors.base, config.anchors.spacing)
@@ -63,6 +66,7 @@ class SemFlow:
             self.anchors,
             self.mesh,
             jax.tree.map(lambda _: sharding.replicated(self.mesh), params),
+            Codec(build_vae(config)),
         )
         self.num_classes = int(config.data.num_classes)
         self.image_hw = config_lib.image_hw(config)
@@ -81,7 +85,7 @@ class SemFlow:
             state = ckpt.restore(abstract_train_state(config), step)
         finally:
             ckpt.close()
-        return cls(config, state["ema" if ema else "params"])
+        return cls(config, state["ema" if ema else "params"], vae_params=state.get("vae"))
 
     # ------------------------------------------------------------------------------------------------------
     def _check_images(self, images) -> np.ndarray:
@@ -126,7 +130,7 @@ class SemFlow:
         out = []
         for lo, hi, b in self._chunks(len(images), batch_size):
             x = jax.device_put(self._pad(images[lo:hi], b), self.sampler.batch_sharding)
-            labels = self.sampler.segment(self.params, x, steps, solver)
+            labels = self.sampler.segment(self.params, x, steps, solver, self.vae_params)
             out.append(np.asarray(labels)[: hi - lo])
         return np.concatenate(out) if out else np.zeros((0, *self.image_hw), np.int32)
 
@@ -158,6 +162,6 @@ class SemFlow:
             x, k = (
                 jax.device_put(self._pad(a[lo:hi], b), self.sampler.batch_sharding) for a in (labels, keys)
             )
-            images = self.sampler.synthesize(self.params, x, k, beta, steps, solver)
+            images = self.sampler.synthesize(self.params, x, k, beta, steps, solver, self.vae_params)
             out.append(np.asarray(images)[: hi - lo])
         return np.concatenate(out) if out else np.zeros((0, *self.image_hw, 3), np.uint8)

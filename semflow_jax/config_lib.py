@@ -43,8 +43,14 @@ def base_config() -> ml_collections.ConfigDict:
     # beta in 0-255 units; 6.375 is the paper's +-0.05 in [-1, 1] units.
     # Training times: t = u ** time_power for a time_power_fraction of the batch, t = u for the rest;
     # time_power = 1.0 is the paper's t ~ U(0, 1).
-    c.flow = dict(beta=6.375, solver="euler", steps=25, time_power=1.0, time_power_fraction=1.0)
+    # space "latent": the flow runs between VAE latents (model.pretrained/vae, frozen), as in the paper.
+    c.flow = dict(
+        beta=6.375, solver="euler", steps=25, time_power=1.0, time_power_fraction=1.0, space="pixel"
+    )
     c.model = dict(
+        kind="unet",  # "unet": our UNet (sized below); "sd": Stable Diffusion's UNet from model.pretrained
+        pretrained="",  # a semflow_jax.convert output folder (SD UNet weights, VAE, empty-prompt embedding)
+        remat=False,  # "sd": recompute each block in the backward pass (gradient checkpointing)
         channels=32,
         channel_mults=(1, 2, 2),
         num_res_blocks=1,
@@ -170,6 +176,15 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     widths = [m.channels * mult for mult in m.channel_mults]
     if any(w % m.num_groups for w in widths):
         raise SemFlowError(f"model.num_groups={m.num_groups} must divide every level width {widths}")
+    if m.kind not in ("unet", "sd"):
+        raise SemFlowError(f"model.kind must be unet or sd, got {m.kind!r}")
+    if config.flow.space not in ("pixel", "latent"):
+        raise SemFlowError(f"flow.space must be pixel or latent, got {config.flow.space!r}")
+    if (m.kind == "sd" or config.flow.space == "latent") and not os.path.isdir(m.pretrained):
+        raise SemFlowError(
+            f"model.kind={m.kind!r} with flow.space={config.flow.space!r} needs model.pretrained, a folder "
+            f"written by python -m semflow_jax.convert; got {m.pretrained!r}"
+        )
     if m.dtype not in DTYPES:
         raise SemFlowError(f"model.dtype must be one of {DTYPES}, got {m.dtype!r}")
     if t.lr_schedule not in ("constant", "linear", "cosine"):
@@ -194,7 +209,15 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 # Keys that fix the trained network; the eval config may change anything else (steps, solver, beta, eval.*).
-_MODEL_KEYS = ("model", "anchors", "data.num_classes", "data.image_size", "data.image_width", "data.name")
+_MODEL_KEYS = (
+    "model",
+    "anchors",
+    "flow.space",
+    "data.num_classes",
+    "data.image_size",
+    "data.image_width",
+    "data.name",
+)
 
 
 def resolve_batch(config, num_devices: int) -> ml_collections.ConfigDict:
@@ -275,8 +298,10 @@ def paper_config(name, num_classes, size, *, lr, schedule, warmup, steps, per_de
     c.anchors.base, c.anchors.spacing = 6, 50.0  # 216 anchors: channel values 0, 50, ..., 250
     c.flow.beta = 6.375  # +-0.05 in [-1, 1] units
     c.flow.steps = 25
-    # A pixel-space UNet until the Stable Diffusion latent model lands; at 512^2 it is sized for an
-    # accelerator, not a CPU.
+    # The paper's setting: Stable Diffusion's UNet fine-tuned between latents of its frozen VAE, both from
+    # the `pretrained=DIR` option (a semflow_jax.convert output). The pixel-UNet sizes below apply with
+    # --config.model.kind=unet --config.flow.space=pixel.
+    c.model.kind, c.flow.space, c.model.remat = "sd", "latent", True
     c.model.channels = 128
     c.model.channel_mults = (1, 1, 2, 2, 4, 4)
     c.model.num_res_blocks = 2
@@ -298,10 +323,14 @@ def paper_config(name, num_classes, size, *, lr, schedule, warmup, steps, per_de
 
 
 def apply_options(c, arg, known=()):
-    """Applies "key=value" options of --config=FILE:opts (e.g. root=/data/coco) onto data.*; returns c."""
+    """Applies "key=value" options of --config=FILE:opts (root=/data/coco: data.root; pretrained=DIR:
+    model.pretrained; the `known` ones: data.*); returns c."""
     for item in filter(None, (arg or "").split(",")):
         key, _, value = item.partition("=")
-        if key not in ("root", *known):
-            raise ValueError(f"unknown option {key!r} (known: root{''.join(', ' + k for k in known)})")
-        c.data[key] = type(c.data[key])(value)
+        if key not in ("root", "pretrained", *known):
+            raise ValueError(
+                f"unknown option {key!r} (known: root, pretrained{''.join(', ' + k for k in known)})"
+            )
+        section = c.model if key == "pretrained" else c.data
+        section[key] = type(section[key])(value)
     return c

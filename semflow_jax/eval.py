@@ -23,15 +23,15 @@ from semflow_jax.api import abstract_train_state
 from semflow_jax.data import pipeline
 from semflow_jax.errors import SemFlowError, atomic_write_bytes
 from semflow_jax.metrics import miou
-from semflow_jax.models import build_model
+from semflow_jax.models import Codec, build_model, build_vae
 from semflow_jax.sampling import Sampler
 from semflow_jax.visualize import colorize, grid, save_png
 
 
 def make_sampler(config, mesh, param_sharding) -> Sampler:
-    """The Sampler of config's model and anchors over mesh, parameters laid out as `param_sharding`."""
+    """The Sampler of config's model, anchors and latent codec over mesh, parameters laid out as given."""
     anchors = flow.anchors_for(config.data.num_classes, config.anchors.base, config.anchors.spacing)
-    return Sampler(build_model(config), anchors, mesh, param_sharding)
+    return Sampler(build_model(config), anchors, mesh, param_sharding, Codec(build_vae(config)))
 
 
 def example_keys(seed: int, index, sample: int = 0):
@@ -55,17 +55,17 @@ def host_rows(arrays: dict) -> dict:
     return {k: v[host["valid"]][order] for k, v in host.items()}
 
 
-def preview_grid(config, sampler, params, batch, num_samples: int = 2) -> np.ndarray:
+def preview_grid(config, sampler, params, batch, num_samples: int = 2, vae_params=None) -> np.ndarray:
     """Rows of image | ground truth | prediction | num_samples syntheses for a global batch of a few examples.
 
     Collective on several processes: every process calls it with its part of the batch.
     """
     steps, solver, beta = int(config.flow.steps), config.flow.solver, float(config.flow.beta)
     out = {k: batch[k] for k in ("image", "label", "index", "valid")}
-    out["pred"] = sampler.segment(params, batch["image"], steps, solver)
+    out["pred"] = sampler.segment(params, batch["image"], steps, solver, vae_params)
     for s in range(num_samples):
         keys = example_keys(config.seed, batch["index"], s)
-        out[f"sample{s}"] = sampler.synthesize(params, batch["label"], keys, beta, steps, solver)
+        out[f"sample{s}"] = sampler.synthesize(params, batch["label"], keys, beta, steps, solver, vae_params)
     rows = host_rows(out)
     _, palette = pipeline.class_names_and_palette(config)
     pictures = [
@@ -103,7 +103,8 @@ def pairwise_distance_sum(samples, valid):
 
 
 def restore_for_eval(workdir: str, mesh):
-    """(trained config, EMA parameters laid out by the FSDP rule on mesh, their sharding) of a workdir."""
+    """(trained config, EMA parameters laid out by the FSDP rule on mesh, their sharding, VAE parameters or
+    None) of a workdir."""
     trained = config_lib.load(workdir)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not checkpoint.has_checkpoint(ckpt_dir):
@@ -114,7 +115,7 @@ def restore_for_eval(workdir: str, mesh):
         state = ckpt.restore(template)
     finally:
         ckpt.close()
-    return trained, state["ema"], jax.tree.map(lambda s: s.sharding, template["ema"])
+    return trained, state["ema"], jax.tree.map(lambda s: s.sharding, template["ema"]), state.get("vae")
 
 
 def evaluate(config, workdir: str, quiet: bool = False) -> dict:
@@ -133,7 +134,7 @@ def evaluate(config, workdir: str, quiet: bool = False) -> dict:
     mesh = sharding.mesh_from_config(config.mesh)
     ec, c = config.eval, config.data.num_classes
     sharding.check_batch(ec.batch_size, mesh, "eval.batch_size")
-    trained, params, param_sharding = restore_for_eval(workdir, mesh)
+    trained, params, param_sharding, vae_params = restore_for_eval(workdir, mesh)
     config_lib.check_compatible(config, trained)
     sampler = make_sampler(config, mesh, param_sharding)
     names, palette = pipeline.class_names_and_palette(config)
@@ -158,11 +159,11 @@ def evaluate(config, workdir: str, quiet: bool = False) -> dict:
     )
     for i, b in enumerate(global_batches(config, mesh, num_examples, ec.batch_size)):
         for n in steps_list:
-            pred = sampler.segment(params, b["image"], n, solver)
+            pred = sampler.segment(params, b["image"], n, solver, vae_params)
             cms[n] += host_value(confusion(pred, b["label"], valid=b["valid"]))
         keys = example_keys(config.seed, b["index"])
-        synthesized = sampler.synthesize(params, b["label"], keys, beta, main_steps, solver)
-        relabelled = sampler.segment(params, synthesized, main_steps, solver)
+        synthesized = sampler.synthesize(params, b["label"], keys, beta, main_steps, solver, vae_params)
+        relabelled = sampler.segment(params, synthesized, main_steps, solver, vae_params)
         cm_synth += host_value(confusion(relabelled, b["label"], valid=b["valid"]))
         say(f"  batch {i + 1}/{num_batches}  [{time.time() - started:.0f}s]")
     by_steps = {str(n): miou.mean_iou(cms[n]) for n in steps_list}
@@ -177,11 +178,13 @@ def evaluate(config, workdir: str, quiet: bool = False) -> dict:
     total, count, first = 0.0, 0, None
     for b in global_batches(config, mesh, m, ec.batch_size):
         keys = [example_keys(config.seed + 1, b["index"], j) for j in range(s)]
-        samples = [sampler.synthesize(params, b["label"], k, beta, main_steps, solver) for k in keys]
+        samples = [
+            sampler.synthesize(params, b["label"], k, beta, main_steps, solver, vae_params) for k in keys
+        ]
         d, n = distances(samples, b["valid"])
         total, count = total + float(host_value(d)), count + int(host_value(n))
         if first is None:  # the picture's rows
-            pred = sampler.segment(params, b["image"], main_steps, solver)
+            pred = sampler.segment(params, b["image"], main_steps, solver, vae_params)
             keep = {
                 "image": b["image"],
                 "label": b["label"],

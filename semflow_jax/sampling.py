@@ -14,13 +14,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from semflow_jax import flow, sharding
-from semflow_jax.models import velocity_fn
+from semflow_jax.models import Codec, velocity_fn
 
 
 class Sampler:
     """The velocity network `model` with its anchors, integrated over `mesh`."""
 
-    def __init__(self, model, anchors, mesh, param_sharding):
+    def __init__(self, model, anchors, mesh, param_sharding, codec=None):
         self.model, self.mesh = model, mesh
         self.anchors = jax.device_put(jnp.asarray(anchors, jnp.float32), sharding.replicated(mesh))
         self.param_sharding = param_sharding
@@ -28,13 +28,21 @@ class Sampler:
         self._compiled = {}
         # The small steps around the integrator, jitted with the batch layout as their output layout: the
         # integrator then sees one input sharding from both directions (one executable), never a reshard.
+        # In latent mode they also encode (posterior mode) and decode with the frozen VAE.
         bs = self.batch_sharding
-        self._image_in = jax.jit(flow.image_to_flow, out_shardings=bs)
-        self._labels_out = jax.jit(flow.mask_to_labels, out_shardings=bs)
-        self._image_out = jax.jit(flow.flow_to_image, out_shardings=bs)
+        codec = Codec() if codec is None else codec
+        self.codec = codec
+        self._image_in = jax.jit(lambda x, vp: codec.encode(vp, flow.image_to_flow(x)), out_shardings=bs)
+        self._labels_out = jax.jit(
+            lambda z, a, vp: flow.mask_to_labels(codec.decode(vp, z), a), out_shardings=bs
+        )
+        self._image_out = jax.jit(lambda z, vp: flow.flow_to_image(codec.decode(vp, z)), out_shardings=bs)
         self._mask_in = jax.jit(
-            lambda labels, rngs, anchors, beta: jax.vmap(flow.perturb, in_axes=(0, 0, None))(
-                rngs, flow.labels_to_mask(labels, anchors), beta
+            lambda labels, rngs, anchors, beta, vp: codec.encode(
+                vp,
+                jax.vmap(flow.perturb, in_axes=(0, 0, None))(
+                    rngs, flow.labels_to_mask(labels, anchors), beta
+                ),
             ),
             out_shardings=bs,
         )
@@ -65,16 +73,19 @@ class Sampler:
         f = self.compiled(num_steps, solver, return_trajectory)
         return f(params, z, jnp.float32(direction))
 
-    def segment(self, params, images, num_steps: int, solver: str = "euler"):
-        """uint8 images [N, H, W, 3] -> int32 labels [N, H, W]: integrate forward, read the nearest anchor."""
-        z = self.run_flow(params, self._image_in(images), 1.0, num_steps, solver)
-        return self._labels_out(z, self.anchors)
+    def segment(self, params, images, num_steps: int, solver: str = "euler", vae_params=None):
+        """uint8 images [N, H, W, 3] -> int32 labels [N, H, W]: integrate forward, read the nearest anchor.
 
-    def synthesize(self, params, labels, rngs, beta: float, num_steps: int, solver: str = "euler"):
+        vae_params: the frozen VAE's parameters in latent mode (None in pixel mode).
+        """
+        z = self.run_flow(params, self._image_in(images, vae_params), 1.0, num_steps, solver)
+        return self._labels_out(z, self.anchors, vae_params)
+
+    def synthesize(self, params, labels, rngs, beta: float, num_steps: int, solver="euler", vae_params=None):
         """int labels [N, H, W] -> uint8 images [N, H, W, 3]: perturb the painted mask, integrate backward.
 
         rngs [N] holds one key per example, so a sample does not depend on what else is in its batch.
         """
-        mask = self._mask_in(labels, rngs, self.anchors, jnp.float32(beta))
+        mask = self._mask_in(labels, rngs, self.anchors, jnp.float32(beta), vae_params)
         z = self.run_flow(params, mask, -1.0, num_steps, solver)
-        return self._image_out(z)
+        return self._image_out(z, vae_params)

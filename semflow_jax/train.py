@@ -24,7 +24,7 @@ from semflow_jax import checkpoint, config_lib, distributed, flow, sharding
 from semflow_jax.data import pipeline
 from semflow_jax.errors import SemFlowError
 from semflow_jax.metric_writer import MetricWriter
-from semflow_jax.models import build_model, velocity_fn
+from semflow_jax.models import Codec, build_model, build_vae, flow_shape, load_pretrained, velocity_fn
 from semflow_jax.visualize import save_png
 
 
@@ -51,23 +51,36 @@ def make_optimizer(tc):
     )
 
 
-def init_state(config, model, tx, rng):
-    """{"params", "opt", "ema", "step", "rng"}: plain pytrees, the EMA starting at the initial parameters.
+def init_state(config, model, tx, rng, pretrained=None):
+    """{"params", "opt", "ema", "step", "rng"} (+ "vae" in latent mode): plain pytrees, the EMA starting at
+    the initial parameters.
 
     "rng" is the training key, split once per step: it is part of the state so a resumed run draws the
-    same times, perturbations and dropout masks as an uninterrupted one.
+    same times, perturbations and dropout masks as an uninterrupted one. `pretrained` ({"params", "vae"}
+    arrays from models.load_pretrained) replaces the random initialization where given; the VAE is frozen
+    (no optimizer state) and only passes through the step.
     """
+    pretrained = pretrained or {}
     init_rng, train_rng = jax.random.split(rng)
-    h, w = config_lib.image_hw(config)
-    z = jnp.zeros((1, h, w, 3), jnp.float32)
-    params = model.init(init_rng, z, jnp.zeros((1,), jnp.float32))["params"]
-    return {
+    h, w, c = flow_shape(config)
+    params = model.init(init_rng, jnp.zeros((1, h, w, c), jnp.float32), jnp.zeros((1,), jnp.float32))[
+        "params"
+    ]
+    params = pretrained.get("params", params)
+    state = {
         "params": params,
         "opt": tx.init(params),
         "ema": params,
         "step": jnp.zeros((), jnp.int32),
         "rng": train_rng,
     }
+    vae = build_vae(config)
+    if vae is not None:
+        ih, iw = config_lib.image_hw(config)
+        x = jnp.zeros((1, ih, iw, 3), jnp.float32)
+        vae_params = pretrained.get("vae")
+        state["vae"] = vae.init(jax.random.fold_in(rng, 1), x)["params"] if vae_params is None else vae_params
+    return state
 
 
 def make_train_step(config, model, tx, mesh=None):
@@ -83,6 +96,7 @@ def make_train_step(config, model, tx, mesh=None):
     beta, ema_decay = float(config.flow.beta), float(config.train.ema_decay)
     accum = int(config.train.grad_accum_steps)
     schedule = make_schedule(config.train)
+    codec = Codec(build_vae(config))
 
     def loss_and_grad(params, z0, z1, t, rng_drop):
         def loss_fn(p):
@@ -105,6 +119,10 @@ def make_train_step(config, model, tx, mesh=None):
         rng_t, rng_eps, rng_drop = jax.random.split(step_rng, 3)
         z0 = flow.image_to_flow(batch["image"])
         z1 = flow.perturb(rng_eps, flow.labels_to_mask(batch["label"], anchors), beta)
+        if codec.vae is not None:  # latent mode: the image's posterior sample, the painted mask's mode
+            vae_params = jax.lax.stop_gradient(state["vae"])
+            z0 = codec.encode(vae_params, z0, jax.random.fold_in(step_rng, 3))
+            z1 = codec.encode(vae_params, z1)
         t = flow.sample_time(rng_t, z0.shape[0], config.flow.time_power, config.flow.time_power_fraction)
 
         if accum == 1:
@@ -128,7 +146,7 @@ def make_train_step(config, model, tx, mesh=None):
         # Warm-started EMA: the effective decay ramps up so short runs are not dominated by the init.
         decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
         ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], params)
-        new_state = {"params": params, "opt": opt, "ema": ema, "step": step + 1, "rng": rng}
+        new_state = {**state, "params": params, "opt": opt, "ema": ema, "step": step + 1, "rng": rng}
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(step)}
         return new_state, metrics
 
@@ -147,11 +165,22 @@ def build_training(config, mesh):
     tx = make_optimizer(config.train)
     init_rng = jax.random.PRNGKey(config.seed)
 
-    def init(r):
-        return init_state(config, model, tx, r)
+    def init(r, pre=None):
+        return init_state(config, model, tx, r, pre)
 
-    state_sharding = sharding.state_sharding(jax.eval_shape(init, init_rng), mesh, config.fsdp_min_size)
-    state = jax.jit(init, out_shardings=state_sharding)(init_rng)
+    abstract = jax.eval_shape(init, init_rng)
+    state_sharding = sharding.state_sharding(abstract, mesh, config.fsdp_min_size)
+    # Pretrained weights go from the host straight to their shards (never whole on one device).
+    pretrained = load_pretrained(config)
+    for key, tree in pretrained.items():
+        want = jax.tree.map(lambda x: (x.shape, x.dtype), abstract[key])
+        got = jax.tree.map(lambda x: (tuple(np.shape(x)), np.asarray(x).dtype), tree)
+        if want != got:
+            raise SemFlowError(
+                f"the pretrained {key} in {config.model.pretrained} do not fit model.kind={config.model.kind}"
+            )
+    pretrained = {k: jax.device_put(v, state_sharding[k]) for k, v in pretrained.items()}
+    state = jax.jit(init, out_shardings=state_sharding)(init_rng, pretrained or None)
     train_step = jax.jit(
         make_train_step(config, model, tx, mesh),
         in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
@@ -282,7 +311,9 @@ def train_and_checkpoint(config, workdir: str, quiet: bool = False) -> dict:
             if save_now:
                 ckpt.save(step, state, data_iter, config_json, force=True)
             if step % tc.sample_every == 0 or step == tc.steps:
-                picture = preview_grid(config, sampler, state["ema"], preview_batch)  # all processes
+                picture = preview_grid(  # all processes take part
+                    config, sampler, state["ema"], preview_batch, vae_params=state.get("vae")
+                )
                 if is_main:
                     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
                     save_png(os.path.join(workdir, "samples", f"step_{step:06d}.png"), picture)

@@ -305,11 +305,15 @@ def test_folder_config_trains_and_evaluates(tmp_path):
     ],
 )
 def test_published_configs_carry_the_paper_settings(
-    name, dataset, classes_, hw, lr, schedule, warmup, steps, per_device, dtype
+    name, dataset, classes_, hw, lr, schedule, warmup, steps, per_device, dtype, tmp_path
 ):
     import importlib
 
-    c = config_lib.validate(importlib.import_module(f"configs.{name}").get_config("root=/data/x"))
+    get_config = importlib.import_module(f"configs.{name}").get_config
+    with pytest.raises(SemFlowError, match="needs model.pretrained"):
+        config_lib.validate(get_config("root=/data/x"))
+    c = config_lib.validate(get_config(f"root=/data/x,pretrained={tmp_path}"))
+    assert (c.model.kind, c.flow.space, c.model.remat) == ("sd", "latent", True)
     assert (c.data.name, c.data.num_classes, config_lib.image_hw(c), c.data.root) == (
         dataset,
         classes_,

@@ -251,9 +251,11 @@ def test_sigterm_on_one_host_saves_the_same_step_on_both(tmp_path):
         assert all(p.poll() is None for p in procs) and time.time() < deadline
         time.sleep(0.01)
     procs[1].send_signal(signal.SIGTERM)  # only one host is told; JAX's sync point tells the other
-    errs = [p.communicate(timeout=120)[1] for p in procs]
+    err1 = procs[1].communicate(timeout=120)[1]
+    procs[0].wait(timeout=120)  # its stdout belongs to the reader thread: no communicate() here
     reader.join()
-    assert [p.returncode for p in procs] == [0, 0], errs[1][-3000:]
+    err0 = procs[0].stderr.read()
+    assert [p.returncode for p in procs] == [0, 0], (err0[-2000:], err1[-2000:])
     line = next(x for x in reader.lines if x.startswith("preempted"))
     step = int(line.split("saved checkpoint ")[1].split(",")[0])
     assert checkpoint.Checkpointer(str(tmp_path / "checkpoints"), create=False).all_steps() == [step]
