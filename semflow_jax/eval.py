@@ -80,19 +80,9 @@ def preview_grid(config, sampler, params, batch, num_samples: int = 2, vae_param
     return grid(pictures, scale=max(1, 128 // rows["image"].shape[1]))
 
 
-def mean_pairwise_distance(samples: np.ndarray) -> float:
-    """samples uint8 [M, S, H, W, 3]: mean over masks and sample pairs of the RMS pixel distance in [0, 1]."""
-    x = samples.astype(np.float64) / 255.0
-    dists = [
-        np.sqrt(np.mean((x[:, a] - x[:, b]) ** 2, axis=(1, 2, 3)))
-        for a, b in itertools.combinations(range(x.shape[1]), 2)
-    ]
-    return float(np.mean(dists))
-
-
 def pairwise_distance_sum(samples, valid):
-    """Device twin of `mean_pairwise_distance` over a batch: (sum over valid rows of the row's mean pairwise
-    RMS distance, number of valid rows); samples is a sequence of S uint8 [B, H, W, 3] arrays."""
+    """(sum over valid rows of the row's mean pairwise RMS pixel distance in [0, 1], number of valid rows);
+    samples is a sequence of S uint8 [B, H, W, 3] arrays, row b of each a sample of the same mask."""
     x = [s.astype(jnp.float32) / 255.0 for s in samples]
     per_pair = [
         jnp.sqrt(jnp.mean((x[a] - x[b]) ** 2, axis=(1, 2, 3)))

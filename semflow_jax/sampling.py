@@ -31,7 +31,6 @@ class Sampler:
         # In latent mode they also encode (posterior mode) and decode with the frozen VAE.
         bs = self.batch_sharding
         codec = Codec() if codec is None else codec
-        self.codec = codec
         self._image_in = jax.jit(lambda x, vp: codec.encode(vp, flow.image_to_flow(x)), out_shardings=bs)
         self._labels_out = jax.jit(
             lambda z, a, vp: flow.mask_to_labels(codec.decode(vp, z), a), out_shardings=bs

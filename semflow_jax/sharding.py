@@ -50,11 +50,6 @@ def mesh_from_config(mesh_spec, devices=None) -> Mesh:
     return Mesh(np.asarray(devices).reshape(sizes), names, axis_types=(AxisType.Auto,) * len(names))
 
 
-def single_device_mesh(mesh_spec=(("data", -1),)) -> Mesh:
-    """A mesh of this process's first device with config.mesh's axis names (all of size 1)."""
-    return mesh_from_config(tuple((name, 1) for name, _ in mesh_spec), jax.local_devices()[:1])
-
-
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dimension split over every mesh axis; the rest replicated."""
     return NamedSharding(mesh, P(mesh.axis_names))
@@ -105,17 +100,3 @@ def to_host(x: jax.Array) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def to_host_local(x: jax.Array) -> np.ndarray:
-    """This process's rows of a batch-sharded global array, in order (no communication)."""
-    if x.is_fully_addressable:
-        return np.asarray(jax.device_get(x))
-    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-    rows, seen = [], set()
-    for s in shards:
-        start = s.index[0].start or 0
-        if start not in seen:  # a row block replicated on several local devices is taken once
-            seen.add(start)
-            rows.append(np.asarray(s.data))
-    return np.concatenate(rows)

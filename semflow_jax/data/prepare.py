@@ -33,7 +33,10 @@ def _convert_shard(job):
             progress.put(1)
         # Keep the original image file's bytes (no re-encoding) unless the image had to be resized.
         same = not resize or example["image"].shape[:2] == example["label"].shape
-        out.append(records.encode(example, open(record.image, "rb").read() if same else None))
+        if same:
+            with open(record.image, "rb") as f:
+                image_bytes = f.read()
+        out.append(records.encode(example, image_bytes if same else None))
     records.write_shard(path + PARTIAL, out)
     return len(out), bad
 
