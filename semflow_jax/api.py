@@ -73,7 +73,8 @@ class SemFlow:
 
     @classmethod
     def from_workdir(cls, workdir: str, ema: bool = True, step: int | None = None) -> SemFlow:
-        """Loads config.json and the newest (or given) checkpoint of a training workdir; EMA weights by default."""
+        """Loads config.json and the newest (or given) checkpoint of a training workdir; EMA weights by default
+        (the trained ones when the run kept no EMA, train.ema_decay = 0)."""
         if not os.path.isdir(workdir):
             raise SemFlowError(f"workdir {workdir!r} does not exist")
         config = config_lib.load(workdir)
@@ -85,7 +86,10 @@ class SemFlow:
             state = ckpt.restore(abstract_train_state(config), step)
         finally:
             ckpt.close()
-        return cls(config, state["ema" if ema else "params"], vae_params=state.get("vae"))
+        from semflow_jax.train import sampling_params
+
+        params = sampling_params(state) if ema else state["params"]
+        return cls(config, params, vae_params=state.get("vae"))
 
     # ------------------------------------------------------------------------------------------------------
     def _check_images(self, images) -> np.ndarray:

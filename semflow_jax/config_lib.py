@@ -30,6 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
         name="shapes",
         root="",  # the dataset's folder as published (or ArrayRecord shards with format="arrayrecord")
         format="raw",  # "raw": read the published folders; "arrayrecord": shards from semflow_jax.data.prepare
+        latents="",  # latent mode: train on latents cached by semflow_jax.data.latents (eval still reads root)
         skip_bad=False,  # replace a bad example by the next good one (and report it) instead of stopping
         image_size=32,  # training/eval height; width too unless image_width is set
         image_width=0,  # 0: square images
@@ -51,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
         kind="unet",  # "unet": our UNet (sized below); "sd": Stable Diffusion's UNet from model.pretrained
         pretrained="",  # a semflow_jax.convert output folder (SD UNet weights, VAE, empty-prompt embedding)
         remat=False,  # "sd": recompute each block in the backward pass (gradient checkpointing)
+        attention_chunk=0,  # "sd": > 0 runs attention queries in chunks of this many (bounded memory)
         channels=32,
         channel_mults=(1, 2, 2),
         num_res_blocks=1,
@@ -74,7 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
         b1=0.9,
         b2=0.999,
         grad_clip=1.0,
-        ema_decay=0.999,
+        ema_decay=0.999,  # 0: keep no EMA (saves a parameter copy; sampling uses the trained weights)
+        mu_dtype="float32",  # Adam's first moment: "bfloat16" saves 2 bytes per parameter (memory-bound runs)
         log_every=50,
         checkpoint_every=500,
         keep_checkpoints=2,
@@ -176,6 +179,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     widths = [m.channels * mult for mult in m.channel_mults]
     if any(w % m.num_groups for w in widths):
         raise SemFlowError(f"model.num_groups={m.num_groups} must divide every level width {widths}")
+    if int(m.attention_chunk) < 0:
+        raise SemFlowError(f"model.attention_chunk must be >= 0, got {m.attention_chunk}")
     if m.kind not in ("unet", "sd"):
         raise SemFlowError(f"model.kind must be unet or sd, got {m.kind!r}")
     if config.flow.space not in ("pixel", "latent"):
@@ -185,8 +190,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"model.kind={m.kind!r} with flow.space={config.flow.space!r} needs model.pretrained, a folder "
             f"written by python -m semflow_jax.convert; got {m.pretrained!r}"
         )
+    if d.latents and config.flow.space != "latent":
+        raise SemFlowError("data.latents (cached VAE latents) needs flow.space=latent")
     if m.dtype not in DTYPES:
         raise SemFlowError(f"model.dtype must be one of {DTYPES}, got {m.dtype!r}")
+    if t.mu_dtype not in DTYPES:
+        raise SemFlowError(f"train.mu_dtype must be one of {DTYPES}, got {t.mu_dtype!r}")
     if t.lr_schedule not in ("constant", "linear", "cosine"):
         raise SemFlowError(f"train.lr_schedule must be constant, linear or cosine, got {t.lr_schedule!r}")
     if not 0.0 <= t.ema_decay < 1.0:
@@ -241,14 +250,26 @@ def _get(config, dotted):
     return config
 
 
-def check_compatible(config, trained_config) -> None:
-    """Refuses a config whose model/anchor/data-shape settings differ from those a workdir was trained with."""
+def check_compatible(config, trained_config, resume: bool = False) -> None:
+    """Refuses a config whose model/anchor/data-shape settings differ from those a workdir was trained with;
+    with resume=True also one whose training state has another layout (EMA on/off, Adam moment dtype)."""
     for key in _MODEL_KEYS:
         a, b = _get(config, key), _get(trained_config, key)
         a = a.to_dict() if hasattr(a, "to_dict") else a
         b = b.to_dict() if hasattr(b, "to_dict") else b
         if json.dumps(a, sort_keys=True, default=list) != json.dumps(b, sort_keys=True, default=list):
             raise SemFlowError(f"--config sets {key}={a} but the workdir's model was trained with {b}")
+    if resume:
+        for key, a, b in (
+            ("train.mu_dtype", config.train.mu_dtype, trained_config.train.mu_dtype),
+            ("train.ema_decay > 0", config.train.ema_decay > 0, trained_config.train.ema_decay > 0),
+            ("data.latents", config.data.latents, trained_config.data.latents),  # another data iterator
+        ):
+            if a != b:
+                raise SemFlowError(
+                    f"--config has {key} = {a} but the workdir's checkpoint was written with {b}: "
+                    "the training state differs; use a new workdir"
+                )
 
 
 def save(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -302,6 +323,7 @@ def paper_config(name, num_classes, size, *, lr, schedule, warmup, steps, per_de
     # the `pretrained=DIR` option (a semflow_jax.convert output). The pixel-UNet sizes below apply with
     # --config.model.kind=unet --config.flow.space=pixel.
     c.model.kind, c.flow.space, c.model.remat = "sd", "latent", True
+    c.model.attention_chunk = 1024  # 512^2 images: 4096 latent positions, attended in 4 chunks
     c.model.channels = 128
     c.model.channel_mults = (1, 1, 2, 2, 4, 4)
     c.model.num_res_blocks = 2
@@ -309,7 +331,7 @@ def paper_config(name, num_classes, size, *, lr, schedule, warmup, steps, per_de
     c.model.num_heads = 8
     c.model.num_groups = 32
     c.train.weight_decay, c.train.b1, c.train.b2, c.train.grad_clip = 0.01, 0.9, 0.999, 1.0
-    c.train.ema_decay = 0.9999
+    c.train.ema_decay = 0.0  # the official code keeps no EMA (and it costs a parameter copy at SD scale)
     c.train.log_every = 100
     c.train.checkpoint_every = 2000
     c.train.sample_every = 2000

@@ -93,8 +93,8 @@ def pairwise_distance_sum(samples, valid):
 
 
 def restore_for_eval(workdir: str, mesh):
-    """(trained config, EMA parameters laid out by the FSDP rule on mesh, their sharding, VAE parameters or
-    None) of a workdir."""
+    """(trained config, EMA (or, without one, trained) parameters laid out by the FSDP rule on mesh, their
+    sharding, VAE parameters or None) of a workdir."""
     trained = config_lib.load(workdir)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not checkpoint.has_checkpoint(ckpt_dir):
@@ -105,7 +105,10 @@ def restore_for_eval(workdir: str, mesh):
         state = ckpt.restore(template)
     finally:
         ckpt.close()
-    return trained, state["ema"], jax.tree.map(lambda s: s.sharding, template["ema"]), state.get("vae")
+    from semflow_jax.train import sampling_params
+
+    shardings = jax.tree.map(lambda s: s.sharding, sampling_params(template))
+    return trained, sampling_params(state), shardings, state.get("vae")
 
 
 def evaluate(config, workdir: str, quiet: bool = False) -> dict:

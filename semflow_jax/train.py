@@ -25,6 +25,7 @@ from semflow_jax.data import pipeline
 from semflow_jax.errors import SemFlowError
 from semflow_jax.metric_writer import MetricWriter
 from semflow_jax.models import Codec, build_model, build_vae, flow_shape, load_pretrained, velocity_fn
+from semflow_jax.models.sd import sample_posterior
 from semflow_jax.visualize import save_png
 
 
@@ -43,17 +44,48 @@ def make_schedule(tc):
     return optax.join_schedules([optax.linear_schedule(0.0, tc.lr, warmup), after], [warmup])
 
 
+def global_norm(tree) -> jax.Array:
+    """The gradients' global L2 norm, accumulated in float32 whatever their dtype."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """optax.clip_by_global_norm that takes compute-dtype gradients and hands on float32 ones.
+
+    Widening each leaf inside this one elementwise op (instead of as a tree of its own) lets the compiler
+    fuse it into the Adam update that reads it: a bfloat16 gradient tree never gets a float32 twin in memory.
+    """
+
+    def update(updates, state, params=None):
+        del params
+        norm = global_norm(updates)
+        factor = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+        return jax.tree.map(lambda g: g.astype(jnp.float32) * factor, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(tc):
-    """AdamW with global-norm gradient clipping (the paper: wd 0.01, clip 1.0)."""
+    """AdamW with global-norm gradient clipping (the paper: wd 0.01, clip 1.0).
+
+    tc.mu_dtype="bfloat16" keeps Adam's first moment in bfloat16 (2 bytes per parameter less); the second
+    moment stays float32, where bfloat16's 8-bit mantissa would distort the step size.
+    """
+    mu_dtype = None if tc.mu_dtype == "float32" else jnp.dtype(tc.mu_dtype)
     return optax.chain(
-        optax.clip_by_global_norm(tc.grad_clip),
-        optax.adamw(make_schedule(tc), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay),
+        clip_by_global_norm(tc.grad_clip),
+        optax.adamw(make_schedule(tc), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, mu_dtype=mu_dtype),
     )
+
+
+def sampling_params(state):
+    """The weights evaluation and sampling use: the EMA, or the trained parameters when it is off."""
+    return state["ema"] if "ema" in state else state["params"]
 
 
 def init_state(config, model, tx, rng, pretrained=None):
     """{"params", "opt", "ema", "step", "rng"} (+ "vae" in latent mode): plain pytrees, the EMA starting at
-    the initial parameters.
+    the initial parameters. train.ema_decay = 0 keeps no EMA (one parameter copy less in memory).
 
     "rng" is the training key, split once per step: it is part of the state so a resumed run draws the
     same times, perturbations and dropout masks as an uninterrupted one. `pretrained` ({"params", "vae"}
@@ -70,10 +102,11 @@ def init_state(config, model, tx, rng, pretrained=None):
     state = {
         "params": params,
         "opt": tx.init(params),
-        "ema": params,
         "step": jnp.zeros((), jnp.int32),
         "rng": train_rng,
     }
+    if float(config.train.ema_decay) > 0:
+        state["ema"] = params
     vae = build_vae(config)
     if vae is not None:
         ih, iw = config_lib.image_hw(config)
@@ -98,12 +131,24 @@ def make_train_step(config, model, tx, mesh=None):
     schedule = make_schedule(config.train)
     codec = Codec(build_vae(config))
 
+    compute = jnp.dtype(config.model.dtype)
+
     def loss_and_grad(params, z0, z1, t, rng_drop):
         def loss_fn(p):
             v = velocity_fn(model, p, train=True, rngs={"dropout": rng_drop})
             return flow.flow_loss(v, z0, z1, t)
 
-        return jax.value_and_grad(loss_fn)(params)
+        if compute == jnp.float32:
+            return jax.value_and_grad(loss_fn)(params)
+        # Mixed precision the way jmp does it: differentiate with respect to one compute-dtype copy of the
+        # float32 master weights. The layers would cast each weight to that dtype anyway, so the values are
+        # the same; but the gradient tree now comes out in bfloat16 and is widened leaf by leaf where the
+        # optimizer reads it (clip_by_global_norm), instead of a float32 tree (3.2 GiB for SD 1.5) held
+        # until the update.
+        low = jax.tree.map(
+            lambda x: x.astype(compute) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
+        )
+        return jax.value_and_grad(loss_fn)(low)
 
     def micro_batches(x):
         # Row j * A + i goes to micro-batch i: each device's contiguous rows stay on that device.
@@ -117,12 +162,19 @@ def make_train_step(config, model, tx, mesh=None):
         step = state["step"]
         rng, step_rng = jax.random.split(state["rng"])
         rng_t, rng_eps, rng_drop = jax.random.split(step_rng, 3)
-        z0 = flow.image_to_flow(batch["image"])
-        z1 = flow.perturb(rng_eps, flow.labels_to_mask(batch["label"], anchors), beta)
-        if codec.vae is not None:  # latent mode: the image's posterior sample, the painted mask's mode
-            vae_params = jax.lax.stop_gradient(state["vae"])
-            z0 = codec.encode(vae_params, z0, jax.random.fold_in(step_rng, 3))
-            z1 = codec.encode(vae_params, z1)
+        if "mask_latent" in batch:  # cached latents: a fresh posterior sample, a stored perturbed mask
+            scale = codec.vae.scaling_factor
+            z0 = sample_posterior(
+                batch["latent_mean"], batch["latent_logvar"], jax.random.fold_in(step_rng, 3), scale
+            )
+            z1 = batch["mask_latent"]
+        else:
+            z0 = flow.image_to_flow(batch["image"])
+            z1 = flow.perturb(rng_eps, flow.labels_to_mask(batch["label"], anchors), beta)
+            if codec.vae is not None:  # latent mode: the image's posterior sample, the painted mask's mode
+                vae_params = jax.lax.stop_gradient(state["vae"])
+                z0 = codec.encode(vae_params, z0, jax.random.fold_in(step_rng, 3))
+                z1 = codec.encode(vae_params, z1)
         t = flow.sample_time(rng_t, z0.shape[0], config.flow.time_power, config.flow.time_power_fraction)
 
         if accum == 1:
@@ -143,11 +195,12 @@ def make_train_step(config, model, tx, mesh=None):
 
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        # Warm-started EMA: the effective decay ramps up so short runs are not dominated by the init.
-        decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
-        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], params)
-        new_state = {**state, "params": params, "opt": opt, "ema": ema, "step": step + 1, "rng": rng}
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(step)}
+        new_state = {**state, "params": params, "opt": opt, "step": step + 1, "rng": rng}
+        if "ema" in state:
+            # Warm-started EMA: the effective decay ramps up so short runs are not dominated by the init.
+            decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+            new_state["ema"] = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], params)
+        metrics = {"loss": loss, "grad_norm": global_norm(grads), "lr": schedule(step)}
         return new_state, metrics
 
     return train_step
@@ -257,9 +310,9 @@ def train_and_checkpoint(config, workdir: str, quiet: bool = False) -> dict:
     if ckpt.latest_step() is not None:
         saved = ckpt.restore_config()
         if saved is not None:
-            config_lib.check_compatible(config, config_lib.from_dict(saved))
+            config_lib.check_compatible(config, config_lib.from_dict(saved), resume=True)
         elif os.path.exists(os.path.join(workdir, "config.json")):
-            config_lib.check_compatible(config, config_lib.load(workdir))
+            config_lib.check_compatible(config, config_lib.load(workdir), resume=True)
         state = ckpt.restore(state, data_iterator=data_iter)
         say(f"resumed from {ckpt.directory}/{int(state['step'])}")
     if is_main:  # only now: a config that does not fit the workdir's checkpoint must not replace its config
@@ -269,11 +322,14 @@ def train_and_checkpoint(config, workdir: str, quiet: bool = False) -> dict:
     # --- Loop -------------------------------------------------------------------------------------------------
     from semflow_jax.eval import global_batches, make_sampler, preview_grid  # eval imports train: no cycle
 
-    sampler = make_sampler(config, mesh, state_sharding["ema"])
+    sampler = make_sampler(config, mesh, sampling_params(state_sharding))
     preview_rows = min(int(config.eval.grid_rows), pipeline.split_size(config))
     preview_size = -(-preview_rows // mesh.size) * mesh.size
     preview_batch = next(global_batches(config, mesh, preview_rows, preview_size))
     writer = MetricWriter(workdir, enabled=is_main)
+    batch_keys = (
+        ("latent_mean", "latent_logvar", "mask_latent") if config.data.latents else ("image", "label")
+    )
     preemption = distributed.Preemption()
     step = int(state["step"])
     started = time.time()
@@ -283,7 +339,7 @@ def train_and_checkpoint(config, workdir: str, quiet: bool = False) -> dict:
     try:
         while step < tc.steps:
             local = next(data_iter)
-            batch = {k: sharding.to_global(local[k], mesh) for k in ("image", "label")}
+            batch = {k: sharding.to_global(local[k], mesh) for k in batch_keys}
             state, metrics = train_step(state, batch)
             step += 1
             window_steps += 1
@@ -312,7 +368,7 @@ def train_and_checkpoint(config, workdir: str, quiet: bool = False) -> dict:
                 ckpt.save(step, state, data_iter, config_json, force=True)
             if step % tc.sample_every == 0 or step == tc.steps:
                 picture = preview_grid(  # all processes take part
-                    config, sampler, state["ema"], preview_batch, vae_params=state.get("vae")
+                    config, sampler, sampling_params(state), preview_batch, vae_params=state.get("vae")
                 )
                 if is_main:
                     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)

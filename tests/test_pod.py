@@ -123,6 +123,36 @@ def test_bfloat16_compute_keeps_float32_parameters():
     assert losses_16 != losses_32  # bfloat16 really was used
 
 
+def test_lean_state_without_ema_and_with_a_bfloat16_first_moment(tmp_path):
+    from semflow_jax import SemFlow, config_lib
+    from semflow_jax.eval import restore_for_eval
+
+    config = tiny()
+    host = batches(config, 3)
+    mesh = sharding.mesh_from_config(config.mesh)
+    losses, _ = run_steps(config, mesh, host)
+    lean = tiny(train__ema_decay=0.0, train__mu_dtype="bfloat16")
+    losses_lean, state = run_steps(lean, mesh, host)
+    assert "ema" not in state
+    mu, nu = state["opt"][1][0].mu, state["opt"][1][0].nu  # chain(clip, adamw): adamw's scale_by_adam
+    assert {x.dtype for x in jax.tree.leaves(mu)} == {np.dtype("bfloat16")}
+    assert {x.dtype for x in jax.tree.leaves(nu)} == {np.dtype("float32")}
+    np.testing.assert_allclose(losses_lean, losses, rtol=1e-3)  # the EMA never feeds back into training
+    # Trained, evaluated and loaded without an EMA: the trained weights are what samples.
+    lean.train.steps = 2
+    train.train_and_checkpoint(lean, str(tmp_path), quiet=True)
+    _, params, _, _ = restore_for_eval(str(tmp_path), mesh)
+    model = SemFlow.from_workdir(str(tmp_path))
+    assert model.segment(np.zeros((2, 16, 16, 3), np.uint8)).shape == (2, 16, 16)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(model.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Resuming that workdir with an EMA would need another state: one line, before anything is touched.
+    with pytest.raises(SemFlowError, match=r"train.ema_decay > 0 = True but the workdir's checkpoint"):
+        config_lib.check_compatible(
+            tiny(train__mu_dtype="bfloat16"), config_lib.load(str(tmp_path)), resume=True
+        )
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     config = tiny()
     config.train.steps, config.train.checkpoint_every, config.train.log_every = 8, 2, 4

@@ -62,6 +62,31 @@ def test_remat_and_bfloat16_keep_the_function():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     bf16 = SDUNet.from_config(SPEC["unet_sd1"]["config"], dtype=jnp.bfloat16)
     assert relative_error(bf16.apply({"params": params}, *args), want) < 5e-2
+    # Attention in query chunks (with remat) is the same function: against diffusers, and in its gradients.
+    chunked = SDUNet.from_config(SPEC["unet_sd1"]["config"], remat=True, attention_chunk=16)
+    assert relative_error(chunked.apply({"params": params}, *args), want) < 1e-4
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(jax.grad(loss)(params, chunked)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_attend_in_query_chunks_is_exact():
+    from semflow_jax.models.sd_blocks import attend
+
+    q, k, v = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 64, 2, 8))
+    k = k[:, :48]  # cross-attention: another length of keys than queries
+    v = v[:, :48]
+
+    def f(q, k, v, chunk):
+        return jnp.sum(jnp.sin(attend(q, k, v, chunk)))
+
+    whole = attend(q, k, v)
+    for chunk in (16, 32):
+        np.testing.assert_allclose(attend(q, k, v, chunk), whole, rtol=1e-6, atol=1e-6)
+        for a, b in zip(
+            jax.grad(f, (0, 1, 2))(q, k, v, chunk), jax.grad(f, (0, 1, 2))(q, k, v, 0), strict=True
+        ):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(attend(q, k, v, 24), whole, rtol=1e-6)  # 24 does not divide 64: whole
 
 
 @pytest.mark.parametrize("kind, cls", [("unet", SDUNet), ("vae", SDVAE)])

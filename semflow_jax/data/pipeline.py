@@ -1,7 +1,8 @@
 """Input pipelines on grain: a shuffled, repeated, per-process training stream, and padded eval batches.
 
 Sources: the embedded shapes scenes, a published dataset's folders (`folders.RawSource`) or its ArrayRecord
-shards (`records.RecordSource`). Real images are augmented for training (random crop, resize, flip, the
+shards (`records.RecordSource`); for latent-mode training also cached VAE latents (`latents.LatentSource`).
+Real images are augmented for training (random crop, resize, flip, the
 same for image and mask) and resized for evaluation. Batches stay uint8 on the host; the device turns them
 into flow endpoints inside the jitted step.
 """
@@ -14,7 +15,7 @@ import grain
 import numpy as np
 
 from semflow_jax import config_lib
-from semflow_jax.data import augment, classes, folders, records, shapes
+from semflow_jax.data import augment, classes, folders, latents, records, shapes
 from semflow_jax.errors import SemFlowError
 
 
@@ -57,7 +58,7 @@ def _train_transform(config):
     return transform
 
 
-def _eval_transform(config):
+def eval_transform(config):
     """Evaluation: resize real images to the model's size; keep image, label and whether the row is real."""
     h, w = config_lib.image_hw(config)
 
@@ -82,9 +83,12 @@ def train_iterator(config, process_index: int = 0, process_count: int = 1):
     the number of processes, and each process reads only its own examples.
     """
     per_process = config.train.batch_size // process_count
-    ds = grain.MapDataset.source(make_source(config, "train"))
-    ds = ds.shuffle(seed=config.seed).repeat()
-    transform = _train_transform(config)
+    if config.data.latents:  # cached VAE latents (semflow_jax.data.latents): no images, no augmentation
+        ds = grain.MapDataset.source(latents.LatentSource(config)).shuffle(seed=config.seed).repeat()
+        transform = latents.pick_mask
+    else:
+        ds = grain.MapDataset.source(make_source(config, "train")).shuffle(seed=config.seed).repeat()
+        transform = _train_transform(config)
     if transform is not None:  # the random draws depend on (seed, position in the stream): reproducible
         ds = ds.random_map(transform, seed=config.seed)
     ds = ds.batch(per_process, drop_remainder=True)
@@ -118,7 +122,7 @@ def eval_batches(
     per_process = batch_size // process_count
     num_batches = -(-num_examples // batch_size)  # the same on every process
     indices = np.arange(process_index, num_examples, process_count)
-    transform = _eval_transform(config)
+    transform = eval_transform(config)
     ds = grain.MapDataset.source(source)[process_index:num_examples:process_count].map(transform)
     ds = ds.batch(per_process, drop_remainder=False)
     read = grain.ReadOptions(num_threads=config.data.num_threads, prefetch_buffer_size=config.data.prefetch)

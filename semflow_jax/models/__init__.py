@@ -47,12 +47,19 @@ class SDVelocity(nn.Module):
     prompt_path: str
     remat: bool = False
     dtype: str = "float32"
+    attention_chunk: int = 0
 
     @nn.compact
     def __call__(self, z, t, train: bool = False):
         del train
         cfg = json.loads(self.unet_config)
-        unet = SDUNet.from_config(cfg, remat=self.remat, dtype=jnp.dtype(self.dtype), name="unet")
+        unet = SDUNet.from_config(
+            cfg,
+            remat=self.remat,
+            attention_chunk=self.attention_chunk,
+            dtype=jnp.dtype(self.dtype),
+            name="unet",
+        )
         context = jnp.asarray(_load_prompt(self.prompt_path))[None]
         return unet(z, t, jnp.broadcast_to(context, (z.shape[0],) + context.shape[1:]))
 
@@ -62,7 +69,8 @@ def build_model(config) -> nn.Module:
     m = config.model
     if m.kind == "sd":
         unet_config = _read_json(os.path.join(m.pretrained, "unet", "config.json"))
-        return SDVelocity(unet_config, os.path.join(m.pretrained, "empty_prompt.npy"), bool(m.remat), m.dtype)
+        prompt = os.path.join(m.pretrained, "empty_prompt.npy")
+        return SDVelocity(unet_config, prompt, bool(m.remat), m.dtype, int(m.attention_chunk))
     return UNet(
         out_channels=flow_shape(config)[-1],
         channels=int(m.channels),

@@ -73,6 +73,7 @@ class SDUNet(nn.Module):
     freq_shift: float = 0.0
     linear_projection: bool = False
     remat: bool = False  # rematerialize every block in the backward pass (activation memory for FLOPs)
+    attention_chunk: int = 0  # > 0: attention queries in chunks of this many (bounded softmax memory)
     dtype: Any = jnp.float32
 
     @classmethod
@@ -106,7 +107,15 @@ class SDUNet(nn.Module):
 
     def _attn(self, ch, heads, name):
         block = nn.remat(Transformer2D) if self.remat else Transformer2D
-        return block(heads, ch // heads, self.norm_num_groups, self.linear_projection, self.dtype, name=name)
+        return block(
+            heads,
+            ch // heads,
+            self.norm_num_groups,
+            self.linear_projection,
+            self.dtype,
+            self.attention_chunk,
+            name=name,
+        )
 
     @nn.compact
     def __call__(self, z, t, context):
@@ -247,10 +256,15 @@ class SDVAE(nn.Module):
         return self.decode(mean)
 
 
+def sample_posterior(mean, logvar, rng, scaling_factor):
+    """Scaled sample of the diagonal Gaussian posterior (mean, logvar) the VAE encoder gives."""
+    return (mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)) * scaling_factor
+
+
 def latent_sample(vae, params, images, rng):
     """Scaled posterior sample of images in [-1, 1] (the image endpoint in training)."""
     mean, logvar = vae.apply({"params": params}, images, method=SDVAE.encode)
-    return (mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)) * vae.scaling_factor
+    return sample_posterior(mean, logvar, rng, vae.scaling_factor)
 
 
 def latent_mode(vae, params, images):

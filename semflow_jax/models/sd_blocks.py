@@ -48,10 +48,33 @@ class ResnetBlock(nn.Module):
         return x + h
 
 
+def attend(q, k, v, query_chunk: int = 0):
+    """Scaled dot-product attention of q [B, Q, H, D] over k, v [B, K, H, D]; softmax in float32.
+
+    With 0 < query_chunk < Q (dividing Q) the queries go through in chunks, each rematerialized in the
+    backward pass: the [B, H, chunk, K] logits of one chunk are all that is ever live, instead of
+    [B, H, Q, K] (2 GiB of float32 per attention layer for SD at 512^2, where Q = K = 4096). Exact: every
+    chunk's softmax sees all keys.
+    """
+
+    def one(q_part):
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q_part, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+    b, n, h, d = q.shape
+    if not 0 < query_chunk < n or n % query_chunk:
+        return one(q)
+    chunks = q.reshape(b, n // query_chunk, query_chunk, h, d).swapaxes(0, 1)
+    out = jax.lax.map(jax.checkpoint(one), chunks)
+    return out.swapaxes(0, 1).reshape(b, n, h, v.shape[-1])
+
+
 class Attention(nn.Module):
     """diffusers Attention: multi-head scaled dot-product attention, to_q/to_k/to_v/to_out.0.
 
-    context=None is self-attention. The softmax runs in float32 whatever the compute dtype.
+    context=None is self-attention. The softmax runs in float32 whatever the compute dtype; query_chunk
+    bounds its memory (see `attend`).
     """
 
     heads: int
@@ -59,6 +82,7 @@ class Attention(nn.Module):
     out_dim: int
     qkv_bias: bool = False
     dtype: Any = jnp.float32
+    query_chunk: int = 0
 
     @nn.compact
     def __call__(self, x, context=None):
@@ -75,9 +99,7 @@ class Attention(nn.Module):
         )
         b = x.shape[0]
         q, k, v = (y.reshape(b, -1, self.heads, self.head_dim) for y in (q, k, v))
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(self.head_dim)
-        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, -1, inner)
+        out = attend(q, k, v, self.query_chunk).reshape(b, -1, inner)
         return nn.Dense(self.out_dim, dtype=self.dtype, name="to_out_0")(out)
 
 
@@ -131,16 +153,20 @@ class TransformerBlock(nn.Module):
     heads: int
     head_dim: int
     dtype: Any = jnp.float32
+    query_chunk: int = 0
 
     @nn.compact
     def __call__(self, x, context):
         def ln(name):
             return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)
 
-        x = x + Attention(self.heads, self.head_dim, self.dim, dtype=self.dtype, name="attn1")(ln("norm1")(x))
-        x = x + Attention(self.heads, self.head_dim, self.dim, dtype=self.dtype, name="attn2")(
-            ln("norm2")(x), context
-        )
+        def attention(name):
+            return Attention(
+                self.heads, self.head_dim, self.dim, dtype=self.dtype, query_chunk=self.query_chunk, name=name
+            )
+
+        x = x + attention("attn1")(ln("norm1")(x))
+        x = x + attention("attn2")(ln("norm2")(x), context)
         return x + FeedForward(self.dim, dtype=self.dtype, name="ff")(ln("norm3")(x))
 
 
@@ -152,6 +178,7 @@ class Transformer2D(nn.Module):
     groups: int = 32
     linear_projection: bool = False
     dtype: Any = jnp.float32
+    query_chunk: int = 0
 
     @nn.compact
     def __call__(self, x, context):
@@ -162,9 +189,9 @@ class Transformer2D(nn.Module):
             y = nn.Dense(inner, dtype=self.dtype, name="proj_in")(y.reshape(b, h * w, c))
         else:
             y = conv(inner, 1, self.dtype, "proj_in")(y).reshape(b, h * w, inner)
-        y = TransformerBlock(inner, self.heads, self.head_dim, self.dtype, name="transformer_blocks_0")(
-            y, context
-        )
+        y = TransformerBlock(
+            inner, self.heads, self.head_dim, self.dtype, self.query_chunk, name="transformer_blocks_0"
+        )(y, context)
         if self.linear_projection:
             y = nn.Dense(c, dtype=self.dtype, name="proj_out")(y).reshape(b, h, w, c)
         else:
