@@ -33,6 +33,9 @@ def get_config(arg=None):
     config.train.steps = 3000
     config.train.checkpoint_every = 1000
     config.train.sample_every = 1000
+    config.eval.fid_steps = (5, 25)
+    # The label-alignment judge: two minutes here, cached after the first evaluation.
+    config.segmenter.steps, config.segmenter.batch_size = 400, 16
     if "tiny" in options:
         # A few seconds on a CPU: exercises every code path, learns nothing.
         config.data.image_size = 16
@@ -54,4 +57,9 @@ def get_config(arg=None):
         config.eval.diversity_masks = 4
         config.eval.grid_rows = 4
         config.flow.steps = 2
+        # The judges cost more than the rest of a tiny evaluation: off here; tests switch them on where
+        # they are what is tested.
+        config.eval.fid = config.eval.lpips = config.eval.label_alignment = False
+        config.eval.fid_steps = (1, 2)
+        config.segmenter.steps, config.segmenter.batch_size = 10, 16
     return config

@@ -91,6 +91,25 @@ def base_config() -> ml_collections.ConfigDict:
         num_samples=4,  # synthesized samples per mask for the diversity measure and the grid
         diversity_masks=16,
         grid_rows=8,
+        # Synthesis quality: FID (standard Inception pool3) at each N in fid_steps, LPIPS (AlexNet) to the
+        # ground truth and between samples; label alignment by an independent segmenter (below), trained and
+        # cached on first use unless segmenter_dir names one.
+        fid=True,
+        fid_steps=(25,),
+        lpips=True,
+        label_alignment=True,
+        segmenter_dir="",
+    )
+    # The label-alignment segmenter (semflow_jax.segmenter): a plain UNet trained with cross-entropy.
+    c.segmenter = dict(
+        steps=600,
+        batch_size=32,
+        lr=2e-3,
+        warmup_steps=50,
+        channels=32,
+        channel_mults=(1, 2, 2),
+        num_res_blocks=1,
+        num_groups=8,
     )
     # (axis name, size) pairs; -1 takes every remaining device. "data": data parallel; "fsdp": the batch is
     # split over it too, and every state array of at least fsdp_min_size elements is split along it.
@@ -212,6 +231,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         )
     if int(config.fsdp_min_size) < 1:
         raise SemFlowError(f"fsdp_min_size must be >= 1, got {config.fsdp_min_size}")
+    if any(int(n) < 1 for n in e.fid_steps):
+        raise SemFlowError(f"eval.fid_steps must hold positive step counts, got {tuple(e.fid_steps)}")
+    sg = config.segmenter
+    if int(sg.steps) < 1 or int(sg.batch_size) < 1:
+        raise SemFlowError("segmenter.steps and segmenter.batch_size must be >= 1")
+    if any(int(sg.channels) * int(m) % int(sg.num_groups) for m in sg.channel_mults):
+        raise SemFlowError(f"segmenter.num_groups={sg.num_groups} must divide every segmenter level width")
     if e.num_samples < 2:
         raise SemFlowError(f"eval.num_samples must be >= 2 to measure diversity, got {e.num_samples}")
     return config
@@ -338,7 +364,12 @@ def paper_config(name, num_classes, size, *, lr, schedule, warmup, steps, per_de
     c.train.keep_checkpoints = 3
     c.eval.num_examples = -1  # the whole validation split
     c.eval.batch_size = 64
-    c.eval.steps_list = (1, 2, 5, 10, 25)
+    c.eval.steps_list = (1, 2, 5, 10, 25, 50, 100)  # the paper's Table 2 ablation
+    c.eval.fid_steps = (5, 25)
+    # A real-data segmenter for label alignment: wider and longer than the shapes one.
+    c.segmenter.channels, c.segmenter.channel_mults, c.segmenter.num_res_blocks = 64, (1, 2, 4, 4), 2
+    c.segmenter.num_groups, c.segmenter.steps, c.segmenter.batch_size = 32, 40_000, 16
+    c.segmenter.lr, c.segmenter.warmup_steps = 1e-3, 1000
     c.train.lr, c.train.lr_schedule, c.train.warmup_steps = lr, schedule, warmup
     c.train.steps, c.train.batch_size_per_device, c.model.dtype = steps, per_device_batch, dtype
     return c

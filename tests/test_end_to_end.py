@@ -64,15 +64,36 @@ def test_resume_with_another_model_is_refused_and_keeps_the_workdir(workdir, tmp
 
 
 def test_eval_writes_every_metric(workdir):
+    from PIL import Image
+
     config = shapes_config.get_config("tiny")
+    config.eval.fid = config.eval.lpips = config.eval.label_alignment = True  # the judges, off in tiny
     metrics = evaluate(config, workdir, quiet=True)
-    on_disk = json.load(open(os.path.join(workdir, "eval", "metrics.json")))
-    assert on_disk == json.loads(json.dumps(metrics))
+    out = os.path.join(workdir, "eval")
+    on_disk = json.load(open(os.path.join(out, "metrics.json")))
+    assert on_disk == json.loads(json.dumps(metrics)) and on_disk["schema_version"] == 2
     seg, syn = on_disk["segmentation"], on_disk["synthesis"]
     assert 0 <= seg["miou"] <= 100 and set(seg["miou_by_steps"]) == {"1", "2"}
-    assert 0 <= syn["label_consistency_miou"] <= 100 and syn["diversity"] > 0
     assert set(seg["per_class_iou"]) == set(shapes.CLASS_NAMES)
-    assert os.path.exists(os.path.join(workdir, "eval", "grid.png"))
+    assert 0 <= syn["round_trip_miou"] <= 100
+    assert set(syn["fid"]["by_steps"]) == {"1", "2"} and all(v > 0 for v in syn["fid"]["by_steps"].values())
+    assert os.path.exists(syn["fid"]["real_statistics"])  # cached for the next evaluation
+    assert syn["lpips_to_ground_truth"] > 0
+    align = syn["label_alignment"]
+    assert all(
+        0 <= align[k] <= 100 for k in ("miou", "miou_without_perturbation", "segmenter_validation_miou")
+    )
+    div = syn["diversity"]
+    # The perturbation is the only source of diversity: without it the ODE maps a mask to one image.
+    assert div["lpips"]["with_perturbation"] > 0 and div["lpips"]["without_perturbation"] == 0
+    assert div["rms"]["with_perturbation"] > 0 and div["rms"]["without_perturbation"] < 1e-6
+    table = open(os.path.join(out, "steps.md")).read()
+    assert "| 1 | " in table and "| 2 | " in table and f"{seg['miou_by_steps']['2']:.2f}" in table
+    assert f"{syn['fid']['by_steps']['2']:.2f}" in table
+    assert "| disk |" in open(os.path.join(out, "per_class_iou.md")).read()
+    for picture in ("grid.png", "steps.png"):
+        with Image.open(os.path.join(out, picture)) as im:
+            assert im.size[0] > 100 and im.size[1] > 50
 
 
 def test_eval_refuses_a_config_for_another_model(workdir):
