@@ -26,15 +26,10 @@ import optax
 from semflow_jax import checkpoint, config_lib, flow, sharding
 from semflow_jax.data import pipeline
 from semflow_jax.errors import SemFlowError, atomic_write_bytes
-from semflow_jax.metrics import miou
+from semflow_jax.metrics import cache_root, miou
 from semflow_jax.models.unet import UNet
 
 META = "segmenter.json"
-
-
-def cache_root() -> str:
-    """$SEMFLOW_CACHE, or ~/.cache/semflow_jax: converted weights, FID statistics, segmenters."""
-    return os.environ.get("SEMFLOW_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "semflow_jax")
 
 
 def identity(config) -> dict:

