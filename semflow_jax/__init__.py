@@ -1,6 +1,11 @@
 """semflow_jax: SemFlow (semantic segmentation and image synthesis as one rectified flow) in JAX/Flax."""
 
+from semflow_jax import xla_options
+
 __version__ = "0.1.0"
+
+# Before JAX creates its backend, which reads XLA_FLAGS once: the measured-fastest CPU options.
+xla_options.apply()
 
 
 def __getattr__(name):

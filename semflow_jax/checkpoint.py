@@ -11,12 +11,38 @@ mid-save (or a kill -9) leaves nothing that `latest_step` would pick up.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 from semflow_jax.errors import SemFlowError
+
+# orbax's "replica-parallel" save splits every replicated array into one slice per device, each cut by an
+# eagerly dispatched (so separately compiled) slice: a few hundred compilations per save of a small model on 8
+# devices, seconds on a CPU, and no gain below a large slice (it only spreads the writing of big replicated
+# arrays over hosts). Kept for slices of at least this many bytes.
+MIN_REPLICA_PARALLEL_SLICE_BYTES = 4 << 20
+
+
+def _register_array_handler() -> None:
+    default = ocp.type_handlers.get_type_handler(jax.Array)
+    handler = ocp.type_handlers.ArrayHandler(
+        min_slice_bytes_for_replica_parallel=MIN_REPLICA_PARALLEL_SLICE_BYTES,
+        array_metadata_store=getattr(default, "_array_metadata_store", None),
+    )
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # orbax warns about every override, on every start of every command
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    finally:
+        absl_logger.setLevel(level)
+
+
+_register_array_handler()
 
 
 def _first_line(e: Exception) -> str:

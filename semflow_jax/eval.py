@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from semflow_jax import checkpoint, config_lib, distributed, flow, segmenter, sharding
+from semflow_jax import cache, checkpoint, config_lib, distributed, flow, segmenter, sharding
 from semflow_jax.api import abstract_train_state
 from semflow_jax.data import pipeline
 from semflow_jax.errors import SemFlowError, atomic_write_bytes
@@ -345,6 +345,7 @@ def main(argv):
     from absl import flags
 
     distributed.initialize_from_flags()
+    cache.enable_compilation_cache()  # a rerun or resume skips compiling what it compiled before
     evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 

@@ -20,7 +20,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from semflow_jax import checkpoint, config_lib, distributed, flow, sharding
+from semflow_jax import cache, checkpoint, config_lib, distributed, flow, sharding
 from semflow_jax.data import pipeline
 from semflow_jax.errors import SemFlowError
 from semflow_jax.metric_writer import MetricWriter
@@ -343,7 +343,11 @@ def train_and_checkpoint(config, workdir: str, quiet: bool = False) -> dict:
             state, metrics = train_step(state, batch)
             step += 1
             window_steps += 1
-            pending.append((step, metrics))  # checked on the host only at log/save points: no sync per step
+            # Checked on the host only at log/save points, never a sync per step; the copy to the host starts
+            # now, behind the next steps, so that check finds the values already there.
+            for x in jax.tree.leaves(metrics):
+                x.copy_to_host_async()
+            pending.append((step, metrics))
             preempted = preemption.reached(step)
             log_now = step % tc.log_every == 0 or step == tc.steps
             save_now = step % tc.checkpoint_every == 0 or step == tc.steps or preempted
@@ -396,6 +400,7 @@ def main(argv):
     from absl import flags
 
     distributed.initialize_from_flags()
+    cache.enable_compilation_cache()  # a rerun or resume skips compiling what it compiled before
     train_and_checkpoint(flags.FLAGS.config, flags.FLAGS.workdir)
 
 

@@ -74,3 +74,80 @@ def test_data_benchmark_measures_both_paths(tmp_path):
         for key in ("examples_per_sec_per_core", "examples_per_sec_all_cores"):
             assert _positive(result[fmt][key]["median"])
     assert _positive(result["convert_sec"]) and "generated" in result["dataset"]
+
+
+def test_suite_quick_measures_every_promised_number(tmp_path):
+    """benchmarks/suite.py --quick (JAX alone, as CI has no torch): the JSON and the Markdown report."""
+    out = tmp_path / "suite"
+    # One device, as a laptop user has (the 8 simulated ones only cost compile time here).
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/suite.py", "--quick", "--no-torch", f"--out={out}"],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "suite.json").read_text())
+    assert _positive(result["peak"]["xla_flops_per_sec"])
+    s = result["sizes"]["tiny"]
+    train, sampler = s["train"], s["sampler"]
+    assert _positive(train["jax_per_sec"]["median"]) and _positive(train["compile_sec"])
+    assert train["flops_per_step"] is None or _positive(train["flops_per_sec"])
+    for n in (1, 5, 25):
+        e = sampler[f"steps_{n}"]
+        assert e["jax_per_sec"]["min"] <= e["jax_per_sec"]["median"] <= e["jax_per_sec"]["max"]
+        assert _positive(e["vs_forward_times_n"]) and "ratio" not in e  # no twin without torch
+    assert set(sampler["compile_sec"]) == {"1", "5", "25", "100"} and _positive(sampler["compile_100_vs_1"])
+    assert _positive(s["train_bf16"]["jax_per_sec"]["median"])
+    assert _positive(s["sampler_bf16"]["steps_25"]["jax_per_sec"]["median"])
+    assert _positive(s["input_pipeline"]["vs_train_consumption"]) and _positive(
+        s["memory"]["peak_rss_mib_jax"]
+    )
+    assert s["twin"] == "not measured (--no-torch)"
+    report = (tmp_path / "suite.md").read_text()
+    assert "| sampler N = 25, images/s" in report and "GFLOP/s" in report
+
+
+def test_the_package_sets_its_xla_defaults_and_leaves_the_users_alone():
+    code = "import os, semflow_jax; print(os.environ.get('XLA_FLAGS', ''))"
+
+    def flags_after_import(**env):
+        base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "SEMFLOW_XLA_DEFAULTS")}
+        proc = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env={**base, **env}
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip()
+
+    from semflow_jax import xla_options
+
+    assert flags_after_import() == " ".join(xla_options.CPU_DEFAULTS)
+    assert flags_after_import(SEMFLOW_XLA_DEFAULTS="0") == ""
+    mine = "--xla_cpu_experimental_ynn_fusion_type=eltwise"
+    assert flags_after_import(XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {mine}") == (
+        f"--xla_force_host_platform_device_count=2 {mine}"
+    )  # the user's own value of an option is kept
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    assert xla_options.apply(env) == list(xla_options.CPU_DEFAULTS)
+    assert env["XLA_FLAGS"].startswith("--xla_force_host_platform_device_count=2 --xla_cpu")
+
+
+def test_attribution_finds_every_convolution_of_the_unet():
+    """benchmarks/attribution.py times the convolutions it reads from the jaxpr: all of them, with their shapes."""
+    import jax
+    import jax.numpy as jnp
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import attribution
+
+    from configs import shapes as shapes_config
+    from semflow_jax.models import build_model
+
+    config = shapes_config.get_config("tiny")
+    model = build_model(config)
+    z, t = jnp.zeros((2, 16, 16, 3)), jnp.full((2,), 0.5)
+    params = model.init(jax.random.PRNGKey(0), z, t)["params"]
+    sites = attribution.conv_sites(model, params, z, t)
+    kernels = [x for x in jax.tree.leaves(params) if x.ndim == 4]  # every Conv's HWIO kernel
+    assert sum(n for _, n in sites) == len(kernels) > 5
+    assert sorted(s["rhs"] for s, n in sites for _ in range(n)) == sorted(x.shape for x in kernels)
+    assert all(s["lhs"][0] == 2 for s, _ in sites)  # the batch the pass was traced with

@@ -1,0 +1,219 @@
+"""Where the train step's time goes, JAX against the PyTorch twin: `python benchmarks/attribution.py`.
+
+Reads every convolution of the UNet from the jaxpr of its forward pass (shape, stride, padding, how many
+times it occurs), then times each distinct one alone, forward and forward + backward (the input and the
+weight gradient), under XLA (jitted, the package's XLA options) and under torch (NCHW, as the twin runs it),
+in alternating windows. The whole train step of both is timed the same way in the same process; the
+remainder (step minus convolutions) is the GroupNorm, SiLU, attention, time-embedding, loss, clipping,
+AdamW and EMA work. Writes benchmarks/results/attribution_<size>.json and prints a Markdown table.
+Needs torch (requirements-benchmarks.txt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import suite  # noqa: E402  (also puts the repository root on sys.path)
+
+
+def conv_sites(model, params, z, t) -> list[tuple[dict, int]]:
+    """The distinct convolutions of one forward pass and how often each occurs: [(spec, count)]."""
+    import jax
+    from jax.extend.core import jaxprs_in_params
+
+    counts: collections.Counter = collections.Counter()
+    specs = {}
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "conv_general_dilated":
+                p = eqn.params
+                spec = {
+                    "lhs": tuple(eqn.invars[0].aval.shape),
+                    "rhs": tuple(eqn.invars[1].aval.shape),
+                    "strides": tuple(p["window_strides"]),
+                    "padding": tuple(tuple(x) for x in p["padding"]),
+                }
+                key = json.dumps(spec)
+                counts[key] += 1
+                specs[key] = (spec, eqn.params)
+            for sub in jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    from semflow_jax.models import velocity_fn
+
+    walk(jax.make_jaxpr(lambda p: velocity_fn(model, p)(z, t))(params).jaxpr)
+    return [(specs[k][0] | {"params": specs[k][1]}, n) for k, n in counts.items()]
+
+
+def conv_pair(spec: dict):
+    """(jax_fwd, jax_fwd_bwd, torch_fwd, torch_fwd_bwd) callables for one convolution, each blocking."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    params = spec["params"]
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(spec["lhs"], np.float32))
+    w = jnp.asarray(rng.standard_normal(spec["rhs"], np.float32) * 0.05)
+
+    def conv(x, w):
+        return jax.lax.conv_general_dilated_p.bind(x, w, **params)
+
+    fwd = jax.jit(conv)
+
+    @jax.jit
+    def fwd_bwd(x, w):
+        y, vjp = jax.vjp(conv, x, w)
+        return vjp(y)  # the input and the weight gradient
+
+    ct = fwd(x, w)
+    fwd_bwd(x, w)
+    # torch: NCHW / OIHW, XLA's (lo, hi) padding applied as the twin does (F.pad where it is uneven).
+    tx = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
+    tw = torch.from_numpy(np.asarray(w).transpose(3, 2, 0, 1).copy())
+    (plo, phi), (qlo, qhi) = spec["padding"]
+    even = plo == phi and qlo == qhi
+
+    def tconv(x, w):
+        if even:
+            return F.conv2d(x, w, stride=spec["strides"], padding=(plo, qlo))
+        return F.conv2d(F.pad(x, (qlo, qhi, plo, phi)), w, stride=spec["strides"])
+
+    tct = torch.from_numpy(np.asarray(ct).transpose(0, 3, 1, 2).copy())
+
+    def t_fwd():
+        with torch.no_grad():
+            tconv(tx, tw)
+
+    txg, twg = tx.clone().requires_grad_(True), tw.clone().requires_grad_(True)
+
+    def t_fwd_bwd():
+        torch.autograd.grad(tconv(txg, twg), (txg, twg), tct)
+
+    return (
+        lambda: fwd(x, w).block_until_ready(),
+        lambda: jax.block_until_ready(fwd_bwd(x, w)),
+        t_fwd,
+        t_fwd_bwd,
+    )
+
+
+def attribute(size: str, repeats: int) -> dict:
+    """The step and its convolutions, JAX and twin, in ms per step (medians of alternating windows)."""
+    import jax.numpy as jnp
+
+    from configs import shapes as shapes_config
+
+    config = shapes_config.get_config(suite.SIZES[size])
+    config.train.ema_decay = 0.999
+    jax_side = suite.JaxSide(config, int(config.train.batch_size), sample_steps=(1,))
+    jax_side.train(2)
+    torch_side = suite.TorchSide(jax_side)
+    b = jax_side.batch_size
+    z = jnp.zeros((b, *jax_side.z.shape[1:]), jnp.float32)
+    sites = conv_sites(jax_side.model, jax_side.state["params"], z, jnp.full((b,), 0.5))
+    pairs = {"step": (lambda: jax_side.train(1), lambda: torch_side.train(1), 1)}
+    for i, (spec, _) in enumerate(sites):
+        jf, jfb, tf, tfb = conv_pair(spec)
+        pairs[f"conv{i}_fwd"] = (jf, tf, 1)
+        pairs[f"conv{i}_fwd_bwd"] = (jfb, tfb, 1)
+    rates = suite.alternate(pairs, repeats)
+
+    def ms(key, side):
+        return 1000 / statistics.median(rates[key][side])
+
+    convs = []
+    for i, (spec, count) in enumerate(sites):
+        n, h, w, cin = spec["lhs"]
+        kh, kw, _, cout = spec["rhs"]
+        convs.append(
+            {
+                "shape": f"{n}x{h}x{w} {cin}->{cout} {kh}x{kw}/{spec['strides'][0]}",
+                "count": count,
+                **{
+                    f"{side_name}_{kind}_ms": count * ms(f"conv{i}_{kind}", side)
+                    for side, side_name in ((0, "jax"), (1, "twin"))
+                    for kind in ("fwd", "fwd_bwd")
+                },
+            }
+        )
+    total = {}
+    for side_name in ("jax", "twin"):
+        fwd = sum(c[f"{side_name}_fwd_ms"] for c in convs)
+        both = sum(c[f"{side_name}_fwd_bwd_ms"] for c in convs)
+        step = ms("step", 0 if side_name == "jax" else 1)
+        total[side_name] = {
+            "step_ms": step,
+            "conv_fwd_ms": fwd,
+            "conv_bwd_ms": both - fwd,
+            "rest_ms": step - both,
+        }
+    return {
+        "size": size,
+        "batch_size": b,
+        "num_convs": sum(c for _, c in sites),
+        "total": total,
+        "convs": convs,
+    }
+
+
+def markdown(r: dict) -> str:
+    """The attribution table of one size."""
+    j, t = r["total"]["jax"], r["total"]["twin"]
+    rows = [
+        ("train step", "step_ms"),
+        (f"{r['num_convs']} convolutions, forward", "conv_fwd_ms"),
+        ("the same, backward (input + weight gradients)", "conv_bwd_ms"),
+        ("everything else (norms, SiLU, attention, loss, optimizer, EMA)", "rest_ms"),
+    ]
+    lines = [
+        f"### {r['size']}, batch {r['batch_size']}, ms per train step",
+        "",
+        "| part | JAX | PyTorch twin | JAX - twin |",
+        "|---|---|---|---|",
+    ]
+    for label, key in rows:
+        lines.append(f"| {label} | {j[key]:.1f} | {t[key]:.1f} | {j[key] - t[key]:+.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    """CLI entry (see the module docstring)."""
+    p = argparse.ArgumentParser(prog="benchmarks/attribution.py", description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="shapes,mid")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out_dir", default=os.path.join(HERE, "results"))
+    args = p.parse_args()
+    import semflow_jax  # noqa: F401  (the package's XLA options, before the backend starts)
+    from semflow_jax.errors import atomic_write_bytes
+
+    sizes = [s for s in args.sizes.split(",") if s]
+    unknown = [s for s in sizes if s not in suite.SIZES]
+    if unknown or args.repeats < 1:
+        print(
+            f"attribution: error: sizes must be among {sorted(suite.SIZES)} and --repeats >= 1",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    for size in sizes:
+        result = attribute(size, args.repeats)
+        result["environment"] = suite.environment()
+        path = os.path.join(args.out_dir, f"attribution_{size}.json")
+        atomic_write_bytes(path, (json.dumps(result, indent=2) + "\n").encode())
+        print(markdown(result))
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,584 @@
+"""The benchmark suite, one command: `python benchmarks/suite.py` -> benchmarks/results/suite.{json,md}.
+
+For the `shapes` config (32x32, 1.1M parameters) and the mid-size one (`shapes.py:mid`, 64x64, 4.4M):
+the jitted train step of semflow_jax/train.py (images/s, compile seconds, FLOPs from XLA's cost analysis,
+achieved FLOP/s as a fraction of this machine's matmul peak), the sampler (images/s at N = 1, 5, 25 against
+one forward pass times N; compile seconds at N = 1 and N = 100), the input pipeline (examples/s against what
+the train step consumes), peak memory, and bfloat16 compute. Beside each, the PyTorch twin of the same model
+(benchmarks/torch_twin.py: same blocks, the parameters copied over, the outputs checked equal first), timed
+in alternating windows in the same process, so each ratio (JAX / twin, > 1 means JAX is faster) is a ratio
+of medians measured under the same load; min and max are those of the per-window ratios. A last table runs
+the shapes model under each candidate XLA:CPU option set, to show what the package's defaults buy.
+
+Each measurement runs in its own subprocess (its own XLA options, its own peak memory); the persistent
+compilation cache is off, so compile times are real. `--quick` is a smoke run on the tiny config (seconds;
+the tests run it). Needs `pip install -r requirements-benchmarks.txt` for the twin (torch, CPU); without
+torch the JAX side is measured alone and the report says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+for path in (ROOT, HERE):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+SIZES = {"shapes": "", "mid": "mid", "tiny": "tiny"}  # name -> configs/shapes.py option
+SAMPLE_STEPS = (1, 5, 25)
+# Candidate XLA:CPU option sets for the last table ("" is XLA's own default).
+XLA_CANDIDATES = (
+    "",
+    "--xla_cpu_experimental_ynn_fusion_type=eltwise,reduce",
+    "--xla_cpu_experimental_ynn_fusion_type=individual_convolution,eltwise,reduce",
+    "--xla_cpu_experimental_ynn_fusion_type=individual_convolution,individual_dot,dot,eltwise,reduce",
+)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Small helpers (no jax import: the orchestrator never starts a backend).
+# ----------------------------------------------------------------------------------------------------------
+def summarize(values) -> dict:
+    """{"median", "min", "max"} of a list of numbers."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def ratio_summary(jax_rates, torch_rates) -> dict:
+    """JAX / twin: the ratio of the medians, and min/max of the per-window ratios (> 1: JAX faster)."""
+    per_window = [a / b for a, b in zip(jax_rates, torch_rates, strict=True)]
+    return {
+        "median": statistics.median(jax_rates) / statistics.median(torch_rates),
+        "min": min(per_window),
+        "max": max(per_window),
+    }
+
+
+def timed(fn) -> float:
+    """Seconds one call of fn takes (fn blocks until its results exist)."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def alternate(pairs: dict, repeats: int, warmup: int = 1) -> dict:
+    """Times each {key: (jax_fn, torch_fn, items_per_call)} in alternating windows; items/s per window."""
+    rates = {k: ([], []) for k in pairs}
+    for r in range(warmup + repeats):
+        for key, (jax_fn, torch_fn, items) in pairs.items():
+            j, t = timed(jax_fn), timed(torch_fn)
+            if r >= warmup:
+                rates[key][0].append(items / j)
+                rates[key][1].append(items / t)
+    return rates
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, MiB."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Workers: each runs in its own process.
+# ----------------------------------------------------------------------------------------------------------
+def measure_peak(repeats: int) -> dict:
+    """This machine's float32 matmul FLOP/s (2048^3, the best of `repeats`), by XLA and by torch."""
+    import jax
+    import jax.numpy as jnp
+
+    n = 2048
+    a = jnp.ones((n, n), jnp.float32)
+    mm = jax.jit(lambda a, b: a @ b)
+    mm(a, a).block_until_ready()
+    best = min(timed(lambda: mm(a, a).block_until_ready()) for _ in range(max(3, repeats)))
+    out = {"matmul_size": n, "xla_flops_per_sec": 2 * n**3 / best, "torch_flops_per_sec": None}
+    try:
+        import torch
+    except ImportError:
+        return out
+    x = torch.ones(n, n)
+    x @ x
+    best = min(timed(lambda: x @ x) for _ in range(max(3, repeats)))
+    out["torch_flops_per_sec"] = 2 * n**3 / best
+    return out
+
+
+class JaxSide:
+    """The JAX train step and sampler of one config, built as semflow_jax builds them, on this process."""
+
+    def __init__(self, config, sampler_batch: int, sample_steps=(*SAMPLE_STEPS, 100)):
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+        from run import compiled_flops, timed_compile
+
+        from semflow_jax import flow, sharding
+        from semflow_jax.data import pipeline
+        from semflow_jax.eval import make_sampler
+        from semflow_jax.models import velocity_fn
+        from semflow_jax.train import build_training
+
+        self.config, self.jax = config, jax
+        mesh = sharding.mesh_from_config(config.mesh)
+        data_sharding = sharding.batch_sharding(mesh)
+        self.model, self.state, state_sharding, step = build_training(config, mesh)
+        self.iterator = pipeline.train_iterator(config)
+        self.host_batches = [next(self.iterator) for _ in range(4)]
+        self.batches = [
+            {k: jax.make_array_from_process_local_data(data_sharding, b[k]) for k in ("image", "label")}
+            for b in self.host_batches
+        ]
+        self.train_step, self.train_compile_sec = timed_compile(step, self.state, self.batches[0])
+        self.train_flops = compiled_flops(self.train_step)
+        self.batch_size = int(config.train.batch_size)
+        self.step_count = 0
+
+        params_sharding = state_sharding["params"]
+        self.sampler = make_sampler(config, mesh, params_sharding)
+        images = np.concatenate([b["image"] for b in self.host_batches])
+        reps = -(-sampler_batch // len(images))
+        self.sampler_images = np.concatenate([images] * reps)[:sampler_batch]
+        z = flow.image_to_flow(jnp.asarray(self.sampler_images))
+        self.z = jax.device_put(z, self.sampler.batch_sharding)
+        self.direction = jnp.float32(1.0)
+        self.sample_fns, self.sample_compile_sec = {}, {}
+        for n in sample_steps:
+            fn, sec = timed_compile(
+                self.sampler.compiled(n, "euler"), self.state["params"], self.z, self.direction
+            )
+            self.sample_compile_sec[n] = sec
+            self.sample_fns[n] = fn
+        model = self.model
+        self.forward = jax.jit(lambda p, z, t: velocity_fn(model, p)(z, t))
+        self.t = jnp.full((sampler_batch,), 0.5)
+
+    def train(self, steps: int):
+        """Runs `steps` train steps on device batches and waits for them."""
+        for _ in range(steps):
+            self.state, metrics = self.train_step(
+                self.state, self.batches[self.step_count % len(self.batches)]
+            )
+            self.step_count += 1
+        self.jax.block_until_ready((self.state, metrics))
+        return metrics
+
+    def sample(self, n: int):
+        """Integrates the sampler batch image -> mask in n Euler steps."""
+        return self.sample_fns[n](self.state["params"], self.z, self.direction).block_until_ready()
+
+    def forward_once(self):
+        """One forward pass of the velocity network on the sampler batch."""
+        return self.forward(self.state["params"], self.z, self.t).block_until_ready()
+
+    def pipeline_rate(self, repeats: int, batches_per_window: int) -> list[float]:
+        """Examples/s of the input pipeline alone (its prefetch buffer drained first)."""
+        for _ in range(int(self.config.data.prefetch) + 2):
+            next(self.iterator)
+        rates = []
+        for _ in range(repeats):
+            sec = timed(lambda: [next(self.iterator) for _ in range(batches_per_window)])
+            rates.append(batches_per_window * self.batch_size / sec)
+        return rates
+
+
+class TorchSide:
+    """The PyTorch twin of a JaxSide: same model and weights, same train step and Euler sampler."""
+
+    def __init__(self, jax_side: JaxSide, autocast_dtype=None):
+        import numpy as np
+        import torch
+        import torch_twin
+
+        from semflow_jax import flow
+
+        config = jax_side.config
+        self.torch, self.twin = torch, torch_twin
+        self.model = torch_twin.from_config(config)
+        params = jax_side.jax.device_get(jax_side.state["params"])
+        torch_twin.load_flax_params(self.model, params)
+        self.num_params = torch_twin.num_params(self.model)
+        anchors = flow.anchors_for(config.data.num_classes, config.anchors.base, config.anchors.spacing)
+        self.autocast = autocast_dtype
+        self.step = torch_twin.TrainStep(self.model, config, anchors, autocast_dtype)
+        self.batches = [
+            (torch.from_numpy(np.array(b["image"])), torch.from_numpy(np.array(b["label"], np.int64)))
+            for b in jax_side.host_batches
+        ]
+        self.z = torch.from_numpy(np.array(jax_side.z))
+        self.count = 0
+
+    def parity(self, jax_side: JaxSide) -> float:
+        """Max |v_jax - v_twin| / max |v_jax| on the sampler batch at t = 0.5 (same weights)."""
+        import numpy as np
+
+        v_jax = np.asarray(jax_side.forward_once())
+        with self.torch.inference_mode():
+            t = self.torch.full((self.z.shape[0],), 0.5 * self.twin.TIME_SCALE)
+            v_torch = self.model(self.z, t).numpy()
+        return float(np.abs(v_jax - v_torch).max() / max(np.abs(v_jax).max(), 1e-12))
+
+    def train(self, steps: int):
+        """`steps` twin train steps."""
+        for _ in range(steps):
+            image, label = self.batches[self.count % len(self.batches)]
+            loss = self.step(image, label)
+            self.count += 1
+        return loss
+
+    def sample(self, n: int):
+        """The twin's Euler integration of the sampler batch, image -> mask."""
+        return self.twin.integrate(self.model, self.z, 1.0, n, self.autocast)
+
+
+def measure_size(name: str, repeats: int, with_torch: bool) -> dict:
+    """Every measurement of one model size: JAX float32 and bfloat16, the twin beside each."""
+    import ml_collections
+
+    from configs import shapes as shapes_config
+
+    config = shapes_config.get_config(SIZES[name])
+    config.train.ema_decay = 0.999  # both sides keep an EMA, as the demo does
+    sampler_batch = int(config.eval.batch_size)
+    steps_per_window = {"shapes": 5, "mid": 1, "tiny": 3}[name]
+    out = {"config": f"configs/shapes.py{':' + SIZES[name] if SIZES[name] else ''}"}
+
+    jax_f32 = JaxSide(config, sampler_batch)
+    jax_f32.train(2)  # off the zero-initialized output layers, so the parity check sees every path
+    num_params = sum(x.size for x in jax_f32.jax.tree.leaves(jax_f32.state["params"]))
+    fwd = [timed(jax_f32.forward_once) for _ in range(repeats + 1)][1:]
+    pipe = jax_f32.pipeline_rate(repeats, steps_per_window * 2)
+    bf16_config = ml_collections.ConfigDict(copy.deepcopy(config.to_dict()))
+    bf16_config.model.dtype = "bfloat16"
+    jax_bf16 = JaxSide(bf16_config, sampler_batch, sample_steps=(25,))
+    out["memory"] = {"peak_rss_mib_jax": peak_rss_mib()}  # before torch is imported
+
+    torch_f32 = torch_bf16 = None
+    if not with_torch:
+        out["twin"] = "not measured (--no-torch)"
+    if with_torch:
+        try:
+            import torch
+        except ImportError:
+            with_torch = False
+            out["twin"] = "not measured: torch is not installed (pip install -r requirements-benchmarks.txt)"
+    if with_torch:
+        torch_f32 = TorchSide(jax_f32)
+        torch_bf16 = TorchSide(jax_bf16, torch.bfloat16)
+        out["twin"] = {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "num_params": torch_f32.num_params,
+            "parity_max_rel_diff": torch_f32.parity(jax_f32),
+        }
+
+    def pair(jax_fn, torch_fn, items):
+        return (jax_fn, torch_fn if torch_fn is not None else (lambda: None), items)
+
+    b, sb = jax_f32.batch_size, sampler_batch
+    pairs = {
+        "train": pair(
+            lambda: jax_f32.train(steps_per_window),
+            torch_f32 and (lambda: torch_f32.train(steps_per_window)),
+            b * steps_per_window,
+        ),
+        **{
+            f"sample_{n}": pair(
+                lambda n=n: jax_f32.sample(n), torch_f32 and (lambda n=n: torch_f32.sample(n)), sb
+            )
+            for n in SAMPLE_STEPS
+        },
+        "train_bf16": pair(
+            lambda: jax_bf16.train(steps_per_window),
+            torch_bf16 and (lambda: torch_bf16.train(steps_per_window)),
+            b * steps_per_window,
+        ),
+        "sample_25_bf16": pair(
+            lambda: jax_bf16.sample(25), torch_bf16 and (lambda: torch_bf16.sample(25)), sb
+        ),
+    }
+    rates = alternate(pairs, repeats)
+
+    def entry(key):
+        jax_rates, torch_rates = rates[key]
+        e = {"jax_per_sec": summarize(jax_rates)}
+        if with_torch:
+            e["twin_per_sec"] = summarize(torch_rates)
+            e["ratio"] = ratio_summary(jax_rates, torch_rates)
+        return e
+
+    train = entry("train")
+    train.update(
+        batch_size=b,
+        num_params=num_params,
+        compile_sec=jax_f32.train_compile_sec,
+        flops_per_step=jax_f32.train_flops,
+        flops_per_sec=(jax_f32.train_flops or 0) * train["jax_per_sec"]["median"] / b or None,
+    )
+    forward_sec = statistics.median(fwd)
+    sampler = {"batch_size": sb, "forward_sec": forward_sec}
+    for n in SAMPLE_STEPS:
+        e = entry(f"sample_{n}")
+        # Against one forward pass times N: what the integrator adds beyond the network (1.0 = nothing).
+        e["vs_forward_times_n"] = e["jax_per_sec"]["median"] / (sb / (forward_sec * n))
+        sampler[f"steps_{n}"] = e
+    sampler["compile_sec"] = {str(n): s for n, s in jax_f32.sample_compile_sec.items()}
+    sampler["compile_100_vs_1"] = jax_f32.sample_compile_sec[100] / jax_f32.sample_compile_sec[1]
+    out.update(
+        train=train,
+        sampler=sampler,
+        train_bf16={**entry("train_bf16"), "compile_sec": jax_bf16.train_compile_sec},
+        sampler_bf16={"steps_25": entry("sample_25_bf16")},
+        input_pipeline={
+            "examples_per_sec": summarize(pipe),
+            "vs_train_consumption": statistics.median(pipe) / train["jax_per_sec"]["median"],
+        },
+    )
+    return out
+
+
+def measure_xla_option(repeats: int) -> dict:
+    """The shapes model's train step and 25-step sampler under this process's XLA_FLAGS (JAX only)."""
+    from configs import shapes as shapes_config
+
+    config = shapes_config.get_config()
+    side = JaxSide(config, int(config.eval.batch_size), sample_steps=(25,))
+    train, sample = [], []
+    side.train(5)
+    side.sample(25)
+    for _ in range(repeats):
+        train.append(5 * side.batch_size / timed(lambda: side.train(5)))
+        sample.append(int(config.eval.batch_size) / timed(lambda: side.sample(25)))
+    return {
+        "train_images_per_sec": summarize(train),
+        "sample_25_images_per_sec": summarize(sample),
+        "train_compile_sec": side.train_compile_sec,
+    }
+
+
+def worker(task: str, repeats: int, with_torch: bool, out_path: str) -> None:
+    """Runs one task in this process and writes its JSON to out_path."""
+    if task == "peak":
+        result = measure_peak(repeats)
+    elif task == "xla":
+        result = measure_xla_option(repeats)
+    else:
+        result = measure_size(task, repeats, with_torch)
+    with open(out_path, "w") as f:
+        json.dump(result, f)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Orchestrator.
+# ----------------------------------------------------------------------------------------------------------
+def run_worker(task: str, repeats: int, with_torch: bool, env_update: dict | None = None) -> dict:
+    """Runs a worker subprocess; its JSON, or a RuntimeError with the last line it printed."""
+    env = dict(os.environ)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # real compile times
+    env["SEMFLOW_COMPILATION_CACHE"] = "0"
+    env.update(env_update or {})
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        argv = [
+            sys.executable,
+            os.path.abspath(__file__),
+            f"--worker={task}",
+            f"--repeats={repeats}",
+            f"--json={out}",
+        ]
+        if not with_torch:
+            argv.append("--no-torch")
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            lines = [x for x in proc.stderr.strip().splitlines() if x.strip()] or ["(nothing printed)"]
+            raise RuntimeError(f"benchmark worker {task!r} failed: {lines[-1]}")
+        with open(out) as f:
+            return json.load(f)
+
+
+def environment() -> dict:
+    """Versions, the CPU, XLA_FLAGS as the package sets them, and the date."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import semflow_jax  # noqa: F401  (sets the XLA defaults in os.environ)
+
+    def v(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((x.split(":", 1)[1].strip() for x in f if x.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "jax": v("jax"),
+        "jaxlib": v("jaxlib"),
+        "flax": v("flax"),
+        "torch": v("torch"),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _r(e, key="ratio"):
+    r = e.get(key)
+    return f"**{r['median']:.2f}x** ({r['min']:.2f}-{r['max']:.2f})" if r else "-"
+
+
+def _v(e, key):
+    s = e.get(key)
+    return f"{s['median']:.1f}" if s else "-"
+
+
+def markdown(result: dict) -> str:
+    """The report: one table per model size, the machine, the XLA option sets."""
+    env, peak = result["environment"], result["peak"]
+    lines = [
+        f"# semflow_jax benchmarks ({env['date'][:10]})",
+        "",
+        f"Machine: {env['cpu']}, {env['cpu_count']} cores; jax {env['jax']}, flax {env['flax']}, "
+        f"torch {env['torch'] or 'not installed'}. XLA_FLAGS: `{env['xla_flags'] or '(none)'}`. "
+        f"Matmul peak (float32, 2048^3): XLA {peak['xla_flops_per_sec'] / 1e9:.0f} GFLOP/s"
+        + (
+            f", torch {peak['torch_flops_per_sec'] / 1e9:.0f} GFLOP/s."
+            if peak.get("torch_flops_per_sec")
+            else "."
+        ),
+        "",
+        "Rates are medians of alternating windows in one process; ratio = JAX / PyTorch twin (> 1: JAX faster),",
+        "with the min-max of the per-window ratios.",
+    ]
+    for name, s in result["sizes"].items():
+        twin = s.get("twin")
+        lines += ["", f"## {name} (`{s['config']}`, {s['train']['num_params'] / 1e6:.2f}M parameters)", ""]
+        if isinstance(twin, dict):
+            lines.append(
+                f"Twin: torch {twin['torch']}, {twin['threads']} threads, {twin['num_params'] / 1e6:.2f}M "
+                f"parameters, outputs equal to {twin['parity_max_rel_diff']:.1e} relative."
+            )
+        elif twin:
+            lines.append(f"Twin: {twin}")
+        tr, sa = s["train"], s["sampler"]
+        lines += [
+            "",
+            "| measurement | JAX | PyTorch twin | JAX / twin |",
+            "|---|---|---|---|",
+            f"| train step, float32, images/s (batch {tr['batch_size']}) | {_v(tr, 'jax_per_sec')} | "
+            f"{_v(tr, 'twin_per_sec')} | {_r(tr)} |",
+            f"| train step, bfloat16 compute, images/s | {_v(s['train_bf16'], 'jax_per_sec')} | "
+            f"{_v(s['train_bf16'], 'twin_per_sec')} (autocast) | {_r(s['train_bf16'])} |",
+        ]
+        for n in SAMPLE_STEPS:
+            e = sa[f"steps_{n}"]
+            lines.append(
+                f"| sampler N = {n}, images/s (batch {sa['batch_size']}) | {_v(e, 'jax_per_sec')} | "
+                f"{_v(e, 'twin_per_sec')} | {_r(e)} |"
+            )
+        e = s["sampler_bf16"]["steps_25"]
+        lines.append(
+            f"| sampler N = 25, bfloat16, images/s | {_v(e, 'jax_per_sec')} | {_v(e, 'twin_per_sec')} | {_r(e)} |"
+        )
+        flops = tr["flops_per_sec"]
+        pipe = s["input_pipeline"]
+        lines += [
+            "",
+            f"- Train step: compile {tr['compile_sec']:.1f} s; "
+            + (
+                f"{tr['flops_per_step'] / 1e9:.2f} GFLOP per step, {flops / 1e9:.0f} GFLOP/s achieved = "
+                f"{100 * flops / peak['xla_flops_per_sec']:.0f}% of the matmul peak."
+                if flops
+                else "FLOPs not reported."
+            ),
+            f"- Sampler: one forward pass {1000 * sa['forward_sec']:.1f} ms; images/s at N steps / (one pass x N): "
+            + ", ".join(f"N = {n}: {sa[f'steps_{n}']['vs_forward_times_n']:.2f}" for n in SAMPLE_STEPS)
+            + f". Compile {sa['compile_sec']['1']:.2f} s at N = 1, {sa['compile_sec']['100']:.2f} s at N = 100 "
+            f"({sa['compile_100_vs_1']:.2f}x).",
+            f"- Input pipeline {pipe['examples_per_sec']['median']:.0f} examples/s = "
+            f"{pipe['vs_train_consumption']:.1f}x what the float32 train step consumes.",
+            f"- Peak memory (JAX process, before the twin): {s['memory']['peak_rss_mib_jax']:.0f} MiB RSS.",
+        ]
+    if result.get("xla_options"):
+        lines += [
+            "",
+            "## XLA:CPU options (shapes model, JAX alone, one process per row, run one after another)",
+            "",
+            "| XLA_FLAGS | train images/s | sampler N = 25 images/s | train compile s |",
+            "|---|---|---|---|",
+        ]
+        for row in result["xla_options"]:
+            lines.append(
+                f"| `{row['xla_flags'] or '(XLA default)'}` | {row['train_images_per_sec']['median']:.1f} | "
+                f"{row['sample_25_images_per_sec']['median']:.1f} | {row['train_compile_sec']:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    """CLI entry (see the module docstring)."""
+    p = argparse.ArgumentParser(prog="benchmarks/suite.py", description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="shapes,mid", help="comma-separated: shapes, mid, tiny")
+    p.add_argument("--repeats", type=int, default=5, help="timed windows per measurement")
+    p.add_argument("--out", default=os.path.join(HERE, "results", "suite"), help="writes OUT.json and OUT.md")
+    p.add_argument("--quick", action="store_true", help="the tiny config, 2 repeats, no XLA option table")
+    p.add_argument("--no-torch", action="store_true", help="JAX only")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--json", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    with_torch = not args.no_torch
+    if args.worker:
+        worker(args.worker, args.repeats, with_torch, args.json)
+        return
+    sizes = ["tiny"] if args.quick else [s for s in args.sizes.split(",") if s]
+    repeats = 2 if args.quick else args.repeats
+    unknown = [s for s in sizes if s not in SIZES]
+    if unknown or repeats < 1:
+        print(f"suite: error: sizes must be among {sorted(SIZES)} and --repeats >= 1", file=sys.stderr)
+        sys.exit(2)
+    try:
+        result = {"environment": environment(), "settings": {"sizes": sizes, "repeats": repeats}}
+        print("measuring the matmul peak", flush=True)
+        result["peak"] = run_worker("peak", repeats, with_torch)
+        result["sizes"] = {}
+        for name in sizes:
+            print(f"measuring {name}", flush=True)
+            result["sizes"][name] = run_worker(name, repeats, with_torch)
+        result["xla_options"] = []
+        if not args.quick:
+            for flags in XLA_CANDIDATES:
+                print(f"measuring XLA_FLAGS={flags or '(XLA default)'}", flush=True)
+                row = run_worker("xla", repeats, False, {"XLA_FLAGS": flags, "SEMFLOW_XLA_DEFAULTS": "0"})
+                result["xla_options"].append({"xla_flags": flags, **row})
+    except RuntimeError as e:
+        print(f"suite: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    from semflow_jax.errors import atomic_write_bytes
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    atomic_write_bytes(args.out + ".json", (json.dumps(result, indent=2) + "\n").encode())
+    report = markdown(result)
+    atomic_write_bytes(args.out + ".md", report.encode())
+    print(report)
+    print(f"wrote {args.out}.json and {args.out}.md")
+
+
+if __name__ == "__main__":
+    main()

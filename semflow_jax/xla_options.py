@@ -1,0 +1,37 @@
+"""XLA options the package sets by default, before JAX starts its backend: the CPU settings measured fastest.
+
+`import semflow_jax` (any of its modules) appends CPU_DEFAULTS to $XLA_FLAGS, except for an option the
+user already set there. SEMFLOW_XLA_DEFAULTS=0 turns this off. An option XLA does not know aborts the
+process, so they are applied only on the jaxlib versions they were measured on (TESTED_JAXLIB); they
+change how XLA:CPU compiles, never the result beyond float rounding, and do nothing on GPU or TPU.
+Measurements: `python benchmarks/suite.py` (its "XLA options" table) and benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import os
+
+# YNNPACK fusions of elementwise ops and reductions (GroupNorm, SiLU, the residual adds): the forward pass of
+# the shapes UNet about 1.6x faster on the 2-core CPU, its train step about 1.2x (benchmarks/README.md).
+CPU_DEFAULTS = ("--xla_cpu_experimental_ynn_fusion_type=eltwise,reduce",)
+TESTED_JAXLIB = ("0.10.",)
+
+
+def apply(environ=None) -> list[str]:
+    """Adds the defaults to environ["XLA_FLAGS"] (default os.environ); returns the options it added."""
+    environ = os.environ if environ is None else environ
+    if environ.get("SEMFLOW_XLA_DEFAULTS", "1").strip().lower() in ("0", "false", "off", "no"):
+        return []
+    try:
+        from importlib.metadata import version
+
+        jaxlib = version("jaxlib")
+    except Exception:  # no jaxlib metadata: leave XLA alone
+        return []
+    if not jaxlib.startswith(TESTED_JAXLIB):
+        return []
+    current = environ.get("XLA_FLAGS", "")
+    added = [opt for opt in CPU_DEFAULTS if opt.split("=")[0] not in current]
+    if added:
+        environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
+    return added
