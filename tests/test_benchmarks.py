@@ -131,6 +131,16 @@ def test_the_package_sets_its_xla_defaults_and_leaves_the_users_alone():
     assert env["XLA_FLAGS"].startswith("--xla_force_host_platform_device_count=2 --xla_cpu")
 
 
+def test_no_cpu_options_where_a_tpu_or_gpu_backend_does_the_work(monkeypatch):
+    from semflow_jax import xla_options
+
+    monkeypatch.setattr(xla_options, "accelerator_installed", lambda: True)
+    env = {}
+    assert xla_options.apply(env) == [] and "XLA_FLAGS" not in env
+    env = {"JAX_PLATFORMS": "cpu"}  # the accelerator is there, but the user asked for the CPU
+    assert xla_options.apply(env) == list(xla_options.CPU_DEFAULTS)
+
+
 def test_attribution_finds_every_convolution_of_the_unet():
     """benchmarks/attribution.py times the convolutions it reads from the jaxpr: all of them, with their shapes."""
     import jax
