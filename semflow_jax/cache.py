@@ -29,7 +29,9 @@ def enable_compilation_cache(directory: str | None = None) -> str | None:
     """
     import jax
 
-    if os.environ.get("SEMFLOW_COMPILATION_CACHE", "1").strip().lower() in ("0", "false", "off", "no"):
+    from semflow_jax.xla_options import switched_off
+
+    if switched_off(os.environ, "SEMFLOW_COMPILATION_CACHE"):
         return None
     from jax.experimental.compilation_cache import compilation_cache
 

@@ -18,7 +18,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from semflow_jax.errors import SemFlowError
+from semflow_jax.errors import SemFlowError, first_line
 
 # orbax's "replica-parallel" save splits every replicated array into one slice per device, each cut by an
 # eagerly dispatched (so separately compiled) slice: a few hundred compilations per save of a small model on 8
@@ -43,10 +43,6 @@ def _register_array_handler() -> None:
 
 
 _register_array_handler()
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 class Checkpointer:
@@ -93,7 +89,7 @@ class Checkpointer:
             out = self._manager.restore(step, args=ocp.args.Composite(**items))
         except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
             raise SemFlowError(
-                f"checkpoint {self.directory}/{step} does not fit this run: {_first_line(e)}"
+                f"checkpoint {self.directory}/{step} does not fit this run: {first_line(e)}"
             ) from None
         return out.state
 

@@ -58,6 +58,12 @@ def run_argparse_cli(
     _guarded(lambda: main(args), parser.prog)
 
 
+def first_line(e: Exception) -> str:
+    """The first line of an exception's message (its type name where the message is empty)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _one_line(e: Exception) -> str:
     """A flag or config-loading error as one line: absl quotes a config file's whole traceback, whose last
     line is the actual error; keep the flag it concerns and that line."""

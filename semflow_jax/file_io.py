@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from semflow_jax.errors import SemFlowError
+from semflow_jax.errors import ArgumentParser, SemFlowError, atomic_write_bytes, first_line
 from semflow_jax.flow import IGNORE_LABEL
 
 # Exit codes of the inference commands: everything written, some inputs failed, nothing done.
@@ -50,11 +50,6 @@ def output_stems(paths: Sequence[str]) -> dict[str, str]:
     }
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _open(path: str) -> tuple[Image.Image, str]:
     """(the decoded picture, fully loaded, its file closed; its format); any decoder failure becomes a
     SemFlowError. JPEG orientation tags are applied (phones store pictures sideways and tag them)."""
@@ -63,7 +58,7 @@ def _open(path: str) -> tuple[Image.Image, str]:
             im.load()
             return (ImageOps.exif_transpose(im) if im.format == "JPEG" else im.copy()), im.format
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, EOFError, ... on malformed files
-        raise SemFlowError(f"{path} is not a readable image ({_first_line(e)})") from None
+        raise SemFlowError(f"{path} is not a readable image ({first_line(e)})") from None
 
 
 def read_image(path: str) -> np.ndarray:
@@ -158,10 +153,11 @@ def run_over_files(
     report = Report()
     # The bar only where someone watches (a terminal), and only for more than one file.
     bar = tqdm(total=len(paths), desc=desc, unit="file", disable=quiet or len(paths) < 2 or None)
+    n = max(1, files_per_batch)
     try:
-        for start in range(0, len(paths), max(1, files_per_batch)):
+        for chunk in (paths[i : i + n] for i in range(0, len(paths), n)):
             good = []
-            for path in paths[start : start + max(1, files_per_batch)]:
+            for path in chunk:
                 try:
                     good.append((path, read(path)))
                 except SemFlowError as e:
@@ -169,7 +165,7 @@ def run_over_files(
             if good:
                 report.written += process(good)
                 report.done += [p for p, _ in good]
-            bar.update(len(paths[start : start + max(1, files_per_batch)]))
+            bar.update(len(chunk))
     finally:
         bar.close()
     return report
@@ -177,8 +173,6 @@ def run_over_files(
 
 def command_parser(prog: str, doc: str, input_flag: str, input_help: str):
     """The flags both inference commands take (multi-word flags accept - or _); each adds its own."""
-    from semflow_jax.errors import ArgumentParser
-
     p = ArgumentParser(prog=prog, description=doc.splitlines()[0])
     p.add_argument("--workdir", required=True, help="a training workdir (config.json + checkpoints/)")
     p.add_argument(input_flag, required=True, help=input_help)
@@ -211,14 +205,12 @@ def prepare_output(output: str) -> str:
 
 def write(output: str, name: str, data: bytes) -> str:
     """Writes output/name atomically (creating the folder on first use); returns the path."""
-    from semflow_jax.errors import atomic_write_bytes
-
     path = os.path.join(output, name)
     try:
         os.makedirs(output, exist_ok=True)
         atomic_write_bytes(path, data)
     except OSError as e:
-        raise SemFlowError(f"cannot write {path}: {_first_line(e)}") from None
+        raise SemFlowError(f"cannot write {path}: {first_line(e)}") from None
     return path
 
 

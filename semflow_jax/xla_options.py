@@ -18,6 +18,11 @@ CPU_DEFAULTS = ("--xla_cpu_experimental_ynn_fusion_type=eltwise,reduce",)
 TESTED_JAXLIB = ("0.10.",)
 
 
+def switched_off(environ, name: str) -> bool:
+    """Whether environ[name] says off (0, false, off, no); unset means on."""
+    return environ.get(name, "1").strip().lower() in ("0", "false", "off", "no")
+
+
 def accelerator_installed() -> bool:
     """Whether a TPU (libtpu) or a GPU plugin (the jax_plugins namespace) is importable; cheap: no import."""
     import importlib.util
@@ -28,7 +33,7 @@ def accelerator_installed() -> bool:
 def apply(environ=None) -> list[str]:
     """Adds the defaults to environ["XLA_FLAGS"] (default os.environ); returns the options it added."""
     environ = os.environ if environ is None else environ
-    if environ.get("SEMFLOW_XLA_DEFAULTS", "1").strip().lower() in ("0", "false", "off", "no"):
+    if switched_off(environ, "SEMFLOW_XLA_DEFAULTS"):
         return []
     platforms = [x.strip() for x in environ.get("JAX_PLATFORMS", "").lower().split(",") if x.strip()]
     if platforms != ["cpu"] and accelerator_installed():
