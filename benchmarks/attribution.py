@@ -1,12 +1,14 @@
 """Where the train step's time goes, JAX against the PyTorch twin: `python benchmarks/attribution.py`.
 
 Reads every convolution of the UNet from the jaxpr of its forward pass (shape, stride, padding, how many
-times it occurs), then times each distinct one alone, forward and forward + backward (the input and the
-weight gradient), under XLA (jitted, the package's XLA options) and under torch (NCHW, as the twin runs it),
-in alternating windows. The whole train step of both is timed the same way in the same process; the
-remainder (step minus convolutions) is the GroupNorm, SiLU, attention, time-embedding, loss, clipping,
-AdamW and EMA work. Writes benchmarks/results/attribution_<size>.json and prints a Markdown table.
-Needs torch (requirements-benchmarks.txt).
+times it occurs; the twin runs the same ones, except that each upsampling step is one 3x3 convolution at
+twice the resolution where JAX runs four 2x2 ones at the low resolution), then times each distinct one
+alone, forward and forward + backward (the input and the weight gradient), under XLA (jitted, the package's
+XLA options) and under torch (NCHW, as the twin runs it), in alternating windows. The whole train step of
+both is timed the same way in the same process; the remainder (step minus convolutions) is the GroupNorm,
+SiLU, attention, time-embedding, loss, clipping, AdamW and EMA work. Writes
+benchmarks/results/attribution_<size>.json and prints a Markdown table. Needs torch
+(requirements-benchmarks.txt).
 """
 
 from __future__ import annotations
@@ -109,8 +111,37 @@ def conv_pair(spec: dict):
     )
 
 
+def textbook_sites(sites: list[tuple[dict, int]]) -> list[tuple[dict, int]]:
+    """The twin's convolutions: each upsampling step's four 2x2 ones (models/layers.py) as the one 3x3 SAME
+    convolution at twice the resolution that the twin runs after F.interpolate; the others as they are."""
+    upsampling: collections.Counter = collections.Counter()
+    out, params = [], {}
+    for spec, n in sites:
+        if spec["rhs"][:2] == (2, 2) and spec["strides"] == (1, 1):
+            key = (spec["lhs"], spec["rhs"])
+            upsampling[key] += n
+            params[key] = spec["params"]
+        else:
+            out.append((spec, n))
+    for (lhs, rhs), n in upsampling.items():
+        padding = ((1, 1), (1, 1))
+        spec = {
+            "lhs": (lhs[0], 2 * lhs[1], 2 * lhs[2], lhs[3]),
+            "rhs": (3, 3, *rhs[2:]),
+            "strides": (1, 1),
+            "padding": padding,
+            "params": params[(lhs, rhs)] | {"padding": padding, "window_strides": (1, 1)},
+        }
+        out.append((spec, n // 4))
+    return out
+
+
 def attribute(size: str, repeats: int) -> dict:
-    """The step and its convolutions, JAX and twin, in ms per step (medians of alternating windows)."""
+    """The step and its convolutions, JAX and twin, in ms per step (medians of alternating windows).
+
+    JAX's convolutions are read from its jaxpr, the twin's are the same but for the upsampling ones
+    (`textbook_sites`); every distinct one is timed in both frameworks, each side counts its own.
+    """
     import jax.numpy as jnp
 
     from configs import shapes as shapes_config
@@ -122,10 +153,21 @@ def attribute(size: str, repeats: int) -> dict:
     torch_side = suite.TorchSide(jax_side)
     b = jax_side.batch_size
     z = jnp.zeros((b, *jax_side.z.shape[1:]), jnp.float32)
-    sites = conv_sites(jax_side.model, jax_side.state["params"], z, jnp.full((b,), 0.5))
+    jax_sites = conv_sites(jax_side.model, jax_side.state["params"], z, jnp.full((b,), 0.5))
+    twin_sites = textbook_sites(jax_sites)
+
+    def key(spec):
+        return json.dumps({k: spec[k] for k in ("lhs", "rhs", "strides", "padding")})
+
+    specs, counts = {}, collections.defaultdict(lambda: [0, 0])
+    for side, sites in enumerate((jax_sites, twin_sites)):
+        for spec, n in sites:
+            specs[key(spec)] = spec
+            counts[key(spec)][side] += n
+    distinct = list(specs)
     pairs = {"step": (lambda: jax_side.train(1), lambda: torch_side.train(1), 1)}
-    for i, (spec, _) in enumerate(sites):
-        jf, jfb, tf, tfb = conv_pair(spec)
+    for i, k in enumerate(distinct):
+        jf, jfb, tf, tfb = conv_pair(specs[k])
         pairs[f"conv{i}_fwd"] = (jf, tf, 1)
         pairs[f"conv{i}_fwd_bwd"] = (jfb, tfb, 1)
     rates = suite.alternate(pairs, repeats)
@@ -134,15 +176,17 @@ def attribute(size: str, repeats: int) -> dict:
         return 1000 / statistics.median(rates[key][side])
 
     convs = []
-    for i, (spec, count) in enumerate(sites):
+    for i, k in enumerate(distinct):
+        spec = specs[k]
         n, h, w, cin = spec["lhs"]
         kh, kw, _, cout = spec["rhs"]
         convs.append(
             {
                 "shape": f"{n}x{h}x{w} {cin}->{cout} {kh}x{kw}/{spec['strides'][0]}",
-                "count": count,
+                "jax_count": counts[k][0],
+                "twin_count": counts[k][1],
                 **{
-                    f"{side_name}_{kind}_ms": count * ms(f"conv{i}_{kind}", side)
+                    f"{side_name}_{kind}_ms": counts[k][side] * ms(f"conv{i}_{kind}", side)
                     for side, side_name in ((0, "jax"), (1, "twin"))
                     for kind in ("fwd", "fwd_bwd")
                 },
@@ -162,7 +206,7 @@ def attribute(size: str, repeats: int) -> dict:
     return {
         "size": size,
         "batch_size": b,
-        "num_convs": sum(c for _, c in sites),
+        "num_convs": {"jax": sum(c for _, c in jax_sites), "twin": sum(c for _, c in twin_sites)},
         "total": total,
         "convs": convs,
     }
@@ -173,7 +217,10 @@ def markdown(r: dict) -> str:
     j, t = r["total"]["jax"], r["total"]["twin"]
     rows = [
         ("train step", "step_ms"),
-        (f"{r['num_convs']} convolutions, forward", "conv_fwd_ms"),
+        (
+            f"convolutions (JAX {r['num_convs']['jax']}, twin {r['num_convs']['twin']}), forward",
+            "conv_fwd_ms",
+        ),
         ("the same, backward (input + weight gradients)", "conv_bwd_ms"),
         ("everything else (norms, SiLU, attention, loss, optimizer, EMA)", "rest_ms"),
     ]

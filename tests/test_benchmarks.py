@@ -157,7 +157,41 @@ def test_attribution_finds_every_convolution_of_the_unet():
     z, t = jnp.zeros((2, 16, 16, 3)), jnp.full((2,), 0.5)
     params = model.init(jax.random.PRNGKey(0), z, t)["params"]
     sites = attribution.conv_sites(model, params, z, t)
-    kernels = [x for x in jax.tree.leaves(params) if x.ndim == 4]  # every Conv's HWIO kernel
-    assert sum(n for _, n in sites) == len(kernels) > 5
-    assert sorted(s["rhs"] for s, n in sites for _ in range(n)) == sorted(x.shape for x in kernels)
+    # Every Conv's HWIO kernel; an upsampling one ("up<level>") runs as four 2x2 convolutions (models/layers.py).
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    expected = []
+    for path, x in flat:
+        if x.ndim == 4:
+            upsampling = str(path[0].key).startswith("up") and "_" not in str(path[0].key)
+            expected += [(2, 2, *x.shape[2:])] * 4 if upsampling else [x.shape]
+    assert sum(n for _, n in sites) == len(expected) > 5
+    assert any(shape[:2] == (2, 2) for shape in expected)
+    assert sorted(s["rhs"] for s, n in sites for _ in range(n)) == sorted(expected)
     assert all(s["lhs"][0] == 2 for s, _ in sites)  # the batch the pass was traced with
+    # The twin's list: one 3x3 kernel per Conv parameter, the upsampling ones at twice their input's size.
+    twin = attribution.textbook_sites(sites)
+    kernels = sorted(x.shape for x in jax.tree.leaves(params) if x.ndim == 4)
+    assert sorted(s["rhs"] for s, n in twin for _ in range(n)) == kernels
+    ups = [
+        s for s, _ in twin if s["rhs"][:2] == (3, 3) and s["lhs"][1] > 8 and s["padding"] == ((1, 1), (1, 1))
+    ]
+    assert any(s["lhs"][1:3] == (16, 16) and s["params"]["padding"] == ((1, 1), (1, 1)) for s in ups)
+
+
+def test_layer_benchmark_cases_share_parameters_and_agree():
+    """benchmarks/layers.py: each textbook layer's parameters drive ours, with the same output (batch 1)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import layers as layer_bench
+
+    for _name, shape, textbook, ours in layer_bench.cases():
+        x = jax.random.normal(jax.random.PRNGKey(0), (1, *shape[1:]))
+        params = textbook.init(jax.random.PRNGKey(1), x)
+        assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(1), x)) == jax.tree.map(jnp.shape, params)
+        want = textbook.apply(params, x)
+        np.testing.assert_allclose(
+            ours.apply(params, x), want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max())
+        )

@@ -14,10 +14,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from semflow_jax.models.layers import GroupNorm, UpsampleConv
 
-def group_norm(groups: int, eps: float, dtype, name: str) -> nn.GroupNorm:
-    """torch.nn.GroupNorm: two-pass variance (flax's fast E[x^2]-E[x]^2 drifts from torch at 1e-4)."""
-    return nn.GroupNorm(groups, epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
+
+def group_norm(groups: int, eps: float, dtype, name: str) -> GroupNorm:
+    """torch.nn.GroupNorm: two-pass variance (the fast E[x^2]-E[x]^2 drifts from torch at 1e-4)."""
+    return GroupNorm(groups, epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
 
 
 def conv(features: int, kernel: int, dtype, name: str, stride: int = 1, padding=None) -> nn.Conv:
@@ -215,15 +217,14 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2, then a 3x3 convolution."""
+    """Nearest-neighbour x2, then a 3x3 convolution (as four 2x2 convolutions: models/layers.py)."""
 
     channels: int
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return conv(self.channels, 3, self.dtype, "conv")(x)
+        return UpsampleConv(self.channels, dtype=self.dtype, name="conv")(x)
 
 
 def timestep_embedding(t, dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0.0):

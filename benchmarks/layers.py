@@ -1,0 +1,149 @@
+"""The UNet's layer formulations against the textbook ones: `python benchmarks/layers.py`.
+
+For each layer the package writes in a form of its own (semflow_jax/models/layers.py, the UNet's attention),
+times the textbook version and ours on the shapes of the mid-size model (`configs/shapes.py:mid`, batch 16)
+and of `shapes` (batch 64), forward and forward + backward, jitted, in alternating windows, and checks both
+give the same values first:
+- nearest x2 upsampling + 3x3 convolution (jnp.repeat, then nn.Conv) vs four 2x2 convolutions at low resolution;
+- GroupNorm -> SiLU -> 3x3 convolution with flax's nn.GroupNorm vs `layers.GroupNorm`;
+- flax's default attention vs jax.nn.dot_product_attention inside nn.MultiHeadDotProductAttention.
+Writes benchmarks/results/layers.json and prints a Markdown table (medians, ms; ratio = textbook / ours).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import suite  # noqa: E402  (also puts the repository root on sys.path)
+
+
+def cases():
+    """[(name, shape, textbook module, our module)] on the shapes the benchmarked UNets run."""
+    import flax.linen as nn
+
+    from semflow_jax.models import layers, unet
+
+    class Upsample(nn.Module):
+        ours: bool
+        features: int
+
+        @nn.compact
+        def __call__(self, x):
+            if self.ours:
+                return layers.UpsampleConv(self.features, name="up")(x)
+            x = x.repeat(2, axis=1).repeat(2, axis=2)
+            return nn.Conv(self.features, (3, 3), name="up")(x)
+
+    class NormConv(nn.Module):
+        ours: bool
+        features: int
+
+        @nn.compact
+        def __call__(self, x):
+            norm = layers.GroupNorm(8, name="norm") if self.ours else nn.GroupNorm(8, name="norm")
+            return nn.Conv(self.features, (3, 3), name="conv")(nn.silu(norm(x)))
+
+    def attention(ours):
+        fn = unet.dot_product_attention if ours else nn.dot_product_attention
+        return nn.MultiHeadDotProductAttention(num_heads=2, attention_fn=fn)
+
+    return [
+        ("upsample + 3x3 conv", (16, 32, 32, 128), Upsample(False, 128), Upsample(True, 128)),
+        ("upsample + 3x3 conv", (16, 16, 16, 128), Upsample(False, 128), Upsample(True, 128)),
+        ("upsample + 3x3 conv", (64, 16, 16, 64), Upsample(False, 64), Upsample(True, 64)),
+        ("GroupNorm-SiLU-conv", (16, 64, 64, 192), NormConv(False, 64), NormConv(True, 64)),
+        ("GroupNorm-SiLU-conv", (16, 64, 64, 64), NormConv(False, 64), NormConv(True, 64)),
+        ("GroupNorm-SiLU-conv", (16, 32, 32, 256), NormConv(False, 128), NormConv(True, 128)),
+        ("GroupNorm-SiLU-conv", (64, 32, 32, 96), NormConv(False, 32), NormConv(True, 32)),
+        ("self-attention, 2 heads", (16, 256, 128), attention(False), attention(True)),
+        ("self-attention, 2 heads", (64, 64, 128), attention(False), attention(True)),
+    ]
+
+
+def measure(repeats: int) -> list[dict]:
+    """Times every case; one row each."""
+    import jax
+    import jax.numpy as jnp
+
+    rows = []
+    for name, shape, textbook, ours in cases():
+        x = jax.random.normal(jax.random.PRNGKey(0), shape) * 2 + 0.5
+        params = textbook.init(jax.random.PRNGKey(1), x)
+        fns = {}
+        for key, m in (("textbook", textbook), ("ours", ours)):
+            fwd = jax.jit(m.apply)
+            grad = jax.jit(jax.grad(lambda p, x, m=m: jnp.sum(m.apply(p, x) ** 2), argnums=(0, 1)))
+            fns[key] = (fwd, grad)
+        want, got = fns["textbook"][0](params, x), fns["ours"][0](params, x)
+        rel = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+        if not rel < 1e-4:
+            raise RuntimeError(f"{name} {shape}: ours differs from the textbook by {rel:.1e} (relative)")
+        for fwd, grad in fns.values():  # compile
+            jax.block_until_ready((fwd(params, x), grad(params, x)))
+        pairs = {
+            kind: (
+                lambda f=fns["textbook"][i], p=params, x=x: jax.block_until_ready(f(p, x)),
+                lambda f=fns["ours"][i], p=params, x=x: jax.block_until_ready(f(p, x)),
+                1,
+            )
+            for i, kind in enumerate(("forward", "forward_backward"))
+        }
+        rates = suite.alternate(pairs, repeats)
+        row = {"layer": name, "shape": list(shape), "max_rel_diff": rel}
+        for kind, (textbook_rates, our_rates) in rates.items():
+            row[kind] = {
+                "textbook_ms": 1e3 / statistics.median(textbook_rates),
+                "ours_ms": 1e3 / statistics.median(our_rates),
+                "speedup": statistics.median(our_rates) / statistics.median(textbook_rates),
+            }
+        rows.append(row)
+        print(markdown_row(row), flush=True)
+    return rows
+
+
+def markdown_row(r: dict) -> str:
+    """One table row."""
+    f, b = r["forward"], r["forward_backward"]
+    return (
+        f"| {r['layer']} | {'x'.join(map(str, r['shape']))} | {f['textbook_ms']:.1f} | {f['ours_ms']:.1f} | "
+        f"**{f['speedup']:.2f}x** | {b['textbook_ms']:.1f} | {b['ours_ms']:.1f} | **{b['speedup']:.2f}x** |"
+    )
+
+
+HEADER = (
+    "| layer | input | forward ms, textbook | ours | speed-up | fwd+bwd ms, textbook | ours | speed-up |\n"
+    "|---|---|---|---|---|---|---|---|"
+)
+
+
+def main():
+    """CLI entry (see the module docstring)."""
+    p = argparse.ArgumentParser(prog="benchmarks/layers.py", description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=7, help="timed windows per measurement")
+    p.add_argument("--out", default=os.path.join(HERE, "results", "layers.json"))
+    args = p.parse_args()
+    if args.repeats < 1:
+        print("layers: error: --repeats must be >= 1", file=sys.stderr)
+        sys.exit(2)
+    print(HEADER, flush=True)
+    try:
+        rows = measure(args.repeats)
+    except RuntimeError as e:
+        print(f"layers: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    from semflow_jax.errors import atomic_write_bytes
+
+    result = {"environment": suite.environment(), "repeats": args.repeats, "rows": rows}
+    atomic_write_bytes(args.out, (json.dumps(result, indent=2) + "\n").encode())
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Layers both UNets share, written in the form XLA compiles fastest, with the parameters of the flax layers.
+
+`UpsampleConv` is nearest-neighbour x2 followed by a 3x3 convolution, the up-sampling step of our UNet and of
+Stable Diffusion's. Upsampling first repeats every pixel, so each output pixel's 3x3 window only spans a 2x2
+patch of the low-resolution input, with some of the nine taps landing on the same input pixel. Adding those
+taps' weights gives four 2x2 kernels, one per output-pixel parity, and the same result (up to float rounding)
+from four 2x2 convolutions at the low resolution: 16 instead of 36 multiply-adds per input channel, output
+channel and low-resolution pixel, and a four times smaller input. Measured on a 2-core CPU: 1.7-2.2x faster
+forward and 2.0-2.3x faster forward + backward than repeat-then-convolve (benchmarks/layers.py).
+
+`GroupNorm` is nn.GroupNorm with its statistics computed the way XLA:CPU reduces fastest (see `group_norm`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# _TAPS[parity, tap, k]: which of the 3x3 kernel's rows (or columns) k add up to each of the two taps an output
+# row of that parity sees. Even output rows 2i read input rows i-1 (kernel row 0) and i (rows 1 and 2); odd
+# rows 2i+1 read rows i (kernel rows 0 and 1) and i+1 (row 2).
+_TAPS = np.array([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], np.float32)
+# The low-resolution padding each parity needs: even rows reach one row up, odd rows one row down.
+_PAD = ((1, 0), (0, 1))
+
+
+def upsample_conv(x, kernel, bias=None):
+    """Nearest x2 upsampling, then a SAME 3x3 convolution: x [N, H, W, C], kernel [3, 3, C, F] -> [N, 2H, 2W, F]."""
+    if kernel.shape[:2] != (3, 3):
+        raise ValueError(f"upsample_conv needs a 3x3 kernel, got {kernel.shape[:2]}")
+    n, h, w, _ = x.shape
+    # The folded kernels are summed in the parameters' precision, then cast to the compute dtype.
+    folded = jnp.einsum("aui,bvj,ijcf->abuvcf", _TAPS, _TAPS, kernel.astype(jnp.float32)).astype(x.dtype)
+    rows = []
+    for a in (0, 1):
+        cols = [
+            jax.lax.conv_general_dilated(
+                x, folded[a, b], (1, 1), (_PAD[a], _PAD[b]), dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+            for b in (0, 1)
+        ]
+        rows.append(jnp.stack(cols, axis=3))  # [N, H, W, 2 (column parity), F]
+    y = jnp.stack(rows, axis=2).reshape(n, 2 * h, 2 * w, kernel.shape[-1])  # [N, H, 2, W, 2, F] interleaved
+    return y if bias is None else y + bias.astype(y.dtype)
+
+
+class UpsampleConv(nn.Module):
+    """nn.Conv(features, (3, 3)) applied to the nearest x2 upsampling of x; the same "kernel" and "bias"."""
+
+    features: int
+    dtype: Any = jnp.float32
+    kernel_init: Any = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        return upsample_conv(x if self.dtype is None else x.astype(self.dtype), kernel, bias)
+
+
+def group_norm(x, scale, bias, num_groups: int, epsilon: float, fast_variance: bool = True, dtype=None):
+    """GroupNorm of x [N, ..., C] over all but the batch axis, per group of C // num_groups channels.
+
+    The statistics are summed per channel over space first (a reduction along the slow axis, contiguous in
+    NHWC, one fast pass) and only then over each group's channels; summing over (space, channels-in-group) at
+    once, as flax does, costs XLA:CPU up to four times more. The affine is folded into one multiply-add per
+    (example, channel), which XLA fuses into the consumer. Statistics and normalization run in float32; the
+    result is cast to dtype (x's by default). fast_variance: E[x^2] - E[x]^2 (flax's default); otherwise the
+    two-pass mean of squared deviations (torch's numerics).
+    """
+    n, c = x.shape[0], x.shape[-1]
+    if c % num_groups:
+        raise ValueError(f"GroupNorm: {c} channels do not split into {num_groups} groups")
+    per = c // num_groups
+    space = tuple(range(1, x.ndim - 1))
+    xf = x.astype(jnp.float32)  # kept [N, ..., C]: a reshape here makes XLA:CPU's fused consumer slower
+    count = math.prod(x.shape[1:-1]) * per
+    column = (n,) + (1,) * len(space) + (c,)  # [N, C] broadcast against x
+
+    def group_mean(channel_sums):  # [N, C] per-channel sums -> each channel's group mean, [N, C]
+        return jnp.repeat(channel_sums.reshape(n, num_groups, per).sum(-1) / count, per, axis=-1)
+
+    mean = group_mean(jnp.sum(xf, axis=space))
+    if fast_variance:
+        var = jnp.maximum(group_mean(jnp.sum(xf * xf, axis=space)) - mean * mean, 0.0)
+    else:
+        var = group_mean(jnp.sum(jnp.square(xf - mean.reshape(column)), axis=space))
+    mul = scale.astype(jnp.float32) * jax.lax.rsqrt(var + epsilon)
+    shift = bias.astype(jnp.float32) - mean * mul
+    y = xf * mul.reshape(column) + shift.reshape(column)
+    return y.astype(x.dtype if dtype is None else dtype)
+
+
+class GroupNorm(nn.Module):
+    """nn.GroupNorm's parameters ("scale", "bias") and numerics, statistics computed as `group_norm` does."""
+
+    num_groups: int = 32
+    epsilon: float = 1e-6
+    use_fast_variance: bool = True
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones_init(), (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (c,), jnp.float32)
+        return group_norm(x, scale, bias, self.num_groups, self.epsilon, self.use_fast_variance, self.dtype)
