@@ -5,7 +5,7 @@ times the textbook version and ours on the shapes of the mid-size model (`config
 and of `shapes` (batch 64), forward and forward + backward, jitted, in alternating windows, and checks both
 give the same values first:
 - nearest x2 upsampling + 3x3 convolution (jnp.repeat, then nn.Conv) vs four 2x2 convolutions at low resolution;
-- GroupNorm -> SiLU -> 3x3 convolution with flax's nn.GroupNorm vs `layers.GroupNorm`;
+- GroupNorm -> SiLU -> 3x3 convolution with flax's nn.GroupNorm vs `layers.GroupNorm(silu=True)`;
 - flax's default attention vs jax.nn.dot_product_attention inside nn.MultiHeadDotProductAttention.
 Writes benchmarks/results/layers.json and prints a Markdown table (medians, ms; ratio = textbook / ours).
 """
@@ -47,8 +47,11 @@ def cases():
 
         @nn.compact
         def __call__(self, x):
-            norm = layers.GroupNorm(8, name="norm") if self.ours else nn.GroupNorm(8, name="norm")
-            return nn.Conv(self.features, (3, 3), name="conv")(nn.silu(norm(x)))
+            if self.ours:  # the UNet's form: SiLU inside the GroupNorm (models/layers.py)
+                return nn.Conv(self.features, (3, 3), name="conv")(
+                    layers.GroupNorm(8, silu=True, name="norm")(x)
+                )
+            return nn.Conv(self.features, (3, 3), name="conv")(nn.silu(nn.GroupNorm(8, name="norm")(x)))
 
     def attention(ours):
         fn = unet.dot_product_attention if ours else nn.dot_product_attention

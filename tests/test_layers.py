@@ -67,6 +67,39 @@ def test_group_norm_matches_flax(fast, shape):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), g_ours, g_ref)
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_group_norm_with_silu_is_silu_of_group_norm_values_and_gradients(fast):
+    """silu=True (the activation's 1 a runtime array, its own derivative rule) is nn.silu(GroupNorm(x))."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((2, 5, 6, 8)) * 3 + 1, jnp.float32)
+    plain = layers.GroupNorm(4, use_fast_variance=fast)
+    fused = layers.GroupNorm(4, use_fast_variance=fast, silu=True)
+    params = plain.init(jax.random.PRNGKey(0), x)
+    params = jax.tree.map(lambda p: p + jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
+
+    def ref(p, x):
+        return nn.silu(plain.apply(p, x))
+
+    np.testing.assert_allclose(fused.apply(params, x), ref(params, x), rtol=1e-5, atol=1e-6)
+    for argnums in (0, 1):  # parameters and input
+        g_ours = jax.grad(lambda p, x: jnp.sum(jnp.sin(3 * fused.apply(p, x))), argnums)(params, x)
+        g_ref = jax.grad(lambda p, x: jnp.sum(jnp.sin(3 * ref(p, x))), argnums)(params, x)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), g_ours, g_ref)
+
+
+def test_group_norm_silu_is_finite_where_its_exponential_overflows():
+    """exp(-y) overflows float32 below y = -88: silu is then -0, its derivative 0, never nan."""
+    x = jnp.array([-200.0, -100.0, -89.0, 0.0, 30.0, 200.0]).reshape(1, 6, 1)
+    params = {"params": {"scale": jnp.full((1,), 80.0), "bias": jnp.zeros(1)}}  # y reaches -160
+    m = layers.GroupNorm(1, silu=True)
+    y = m.apply(params, x)
+    np.testing.assert_allclose(y, nn.silu(layers.GroupNorm(1).apply(params, x)), rtol=1e-6, atol=1e-30)
+    g = jax.grad(lambda x: jnp.sum(m.apply(params, x)))(x)
+    assert np.isfinite(np.asarray(g)).all()
+    g_ref = jax.grad(lambda x: jnp.sum(nn.silu(layers.GroupNorm(1).apply(params, x))))(x)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-6)
+
+
 def test_group_norm_computes_in_float32_and_returns_the_compute_dtype():
     x = (jnp.arange(2 * 4 * 4 * 8, dtype=jnp.float32).reshape(2, 4, 4, 8) / 7).astype(jnp.bfloat16)
     m = layers.GroupNorm(2, dtype=jnp.bfloat16)

@@ -154,7 +154,7 @@ class SDUNet(nn.Module):
             if i != last:
                 h = Upsample(ch, dtype=self.dtype, name=f"up_blocks_{i}_upsamplers_0")(h)
 
-        h = nn.silu(group_norm(self.norm_num_groups, self.norm_eps, self.dtype, "conv_norm_out")(h))
+        h = group_norm(self.norm_num_groups, self.norm_eps, self.dtype, "conv_norm_out", silu=True)(h)
         return conv(self.out_channels, 3, self.dtype, "conv_out")(h).astype(jnp.float32)
 
 
@@ -179,7 +179,7 @@ class _Encoder(nn.Module):
         h = ResnetBlock(ch, self.groups, 1e-6, self.dtype, name="mid_block_resnets_0")(h)
         h = SpatialSelfAttention(self.groups, 1e-6, self.dtype, name="mid_block_attentions_0")(h)
         h = ResnetBlock(ch, self.groups, 1e-6, self.dtype, name="mid_block_resnets_1")(h)
-        h = nn.silu(group_norm(self.groups, 1e-6, self.dtype, "conv_norm_out")(h))
+        h = group_norm(self.groups, 1e-6, self.dtype, "conv_norm_out", silu=True)(h)
         return conv(2 * self.latent_channels, 3, self.dtype, "conv_out")(h)
 
 
@@ -202,7 +202,7 @@ class _Decoder(nn.Module):
                 h = ResnetBlock(ch, self.groups, 1e-6, self.dtype, name=f"up_blocks_{i}_resnets_{j}")(h)
             if i != len(self.channels) - 1:
                 h = Upsample(ch, self.dtype, name=f"up_blocks_{i}_upsamplers_0")(h)
-        h = nn.silu(group_norm(self.groups, 1e-6, self.dtype, "conv_norm_out")(h))
+        h = group_norm(self.groups, 1e-6, self.dtype, "conv_norm_out", silu=True)(h)
         return conv(self.out_channels, 3, self.dtype, "conv_out")(h)
 
 

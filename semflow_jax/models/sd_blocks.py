@@ -17,9 +17,10 @@ import jax.numpy as jnp
 from semflow_jax.models.layers import GroupNorm, UpsampleConv
 
 
-def group_norm(groups: int, eps: float, dtype, name: str) -> GroupNorm:
-    """torch.nn.GroupNorm: two-pass variance (the fast E[x^2]-E[x]^2 drifts from torch at 1e-4)."""
-    return GroupNorm(groups, epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
+def group_norm(groups: int, eps: float, dtype, name: str, silu: bool = False) -> GroupNorm:
+    """torch.nn.GroupNorm (then SiLU with silu=True): two-pass variance (the fast E[x^2]-E[x]^2 drifts from
+    torch at 1e-4)."""
+    return GroupNorm(groups, epsilon=eps, dtype=dtype, use_fast_variance=False, silu=silu, name=name)
 
 
 def conv(features: int, kernel: int, dtype, name: str, stride: int = 1, padding=None) -> nn.Conv:
@@ -38,12 +39,12 @@ class ResnetBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, temb=None):
-        h = nn.silu(group_norm(self.groups, self.eps, self.dtype, "norm1")(x))
+        h = group_norm(self.groups, self.eps, self.dtype, "norm1", silu=True)(x)
         h = conv(self.out_channels, 3, self.dtype, "conv1")(h)
         if temb is not None:
             t = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
             h = h + t[:, None, None, :]
-        h = nn.silu(group_norm(self.groups, self.eps, self.dtype, "norm2")(h))
+        h = group_norm(self.groups, self.eps, self.dtype, "norm2", silu=True)(h)
         h = conv(self.out_channels, 3, self.dtype, "conv2")(h)
         if x.shape[-1] != self.out_channels:
             x = conv(self.out_channels, 1, self.dtype, "conv_shortcut")(x)
