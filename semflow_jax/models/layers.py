@@ -73,7 +73,8 @@ def _silu(y, one):
 
 @_silu.defjvp
 def _silu_jvp(primals, tangents):
-    # d/dy y*s(y) = s * (1 + y * (1 - s)); finite where exp(-y) overflows (s is then exactly 0).
+    # d/dy y*s(y) = s * (1 + y * (1 - s)); finite where exp(-y) overflows (s is then exactly 0). `one`'s
+    # tangent is ignored: it is identically 1 (mul * 0 + 1), so its derivative is 0.
     y, one = primals
     sig = one / (one + jnp.exp(-y))
     return y * sig, tangents[0] * sig * (one + y * (one - sig))
