@@ -43,6 +43,8 @@ XLA_CANDIDATES = (
     "--xla_cpu_experimental_ynn_fusion_type=eltwise,reduce",
     "--xla_cpu_experimental_ynn_fusion_type=individual_convolution,eltwise,reduce",
     "--xla_cpu_experimental_ynn_fusion_type=individual_convolution,individual_dot,dot,eltwise,reduce",
+    # The package's defaults: the YNN fusions, and the CPU split into two devices (semflow_jax/xla_options.py).
+    "--xla_cpu_experimental_ynn_fusion_type=eltwise,reduce --xla_force_host_platform_device_count=2",
 )
 
 
@@ -132,7 +134,7 @@ class JaxSide:
         from semflow_jax.train import build_training
 
         self.config, self.jax = config, jax
-        mesh = sharding.mesh_from_config(config.mesh)
+        mesh = sharding.mesh_from_config(config.mesh, sharding.train_devices(config.train.cpu_devices))
         data_sharding = sharding.batch_sharding(mesh)
         self.model, self.state, state_sharding, step = build_training(config, mesh)
         self.iterator = pipeline.train_iterator(config)
@@ -146,8 +148,12 @@ class JaxSide:
         self.batch_size = int(config.train.batch_size)
         self.step_count = 0
 
-        params_sharding = state_sharding["params"]
-        self.sampler = make_sampler(config, mesh, params_sharding)
+        # The sampler on the mesh eval.py builds (all devices; training may span fewer: train.cpu_devices).
+        eval_mesh = sharding.mesh_from_config(config.mesh)
+        params_sharding = jax.tree.map(lambda _: sharding.replicated(eval_mesh), state_sharding["params"])
+        self.params_sharding = params_sharding
+        self.sync_sample_params()
+        self.sampler = make_sampler(config, eval_mesh, params_sharding)
         images = np.concatenate([b["image"] for b in self.host_batches])
         reps = -(-sampler_batch // len(images))
         self.sampler_images = np.concatenate([images] * reps)[:sampler_batch]
@@ -157,13 +163,18 @@ class JaxSide:
         self.sample_fns, self.sample_compile_sec = {}, {}
         for n in sample_steps:
             fn, sec = timed_compile(
-                self.sampler.compiled(n, "euler"), self.state["params"], self.z, self.direction
+                self.sampler.compiled(n, "euler"), self.sample_params, self.z, self.direction
             )
             self.sample_compile_sec[n] = sec
             self.sample_fns[n] = fn
         model = self.model
         self.forward = jax.jit(lambda p, z, t: velocity_fn(model, p)(z, t))
         self.t = jnp.full((sampler_batch,), 0.5)
+
+    def sync_sample_params(self):
+        """The sampler's (and forward pass's) copy of the parameters, from the current train state."""
+        # A copy even where the meshes agree: the train step donates the state's buffers.
+        self.sample_params = self.jax.device_put(self.state["params"], self.params_sharding, may_alias=False)
 
     def train(self, steps: int):
         """Runs `steps` train steps on device batches and waits for them."""
@@ -177,11 +188,11 @@ class JaxSide:
 
     def sample(self, n: int):
         """Integrates the sampler batch image -> mask in n Euler steps."""
-        return self.sample_fns[n](self.state["params"], self.z, self.direction).block_until_ready()
+        return self.sample_fns[n](self.sample_params, self.z, self.direction).block_until_ready()
 
     def forward_once(self):
         """One forward pass of the velocity network on the sampler batch."""
-        return self.forward(self.state["params"], self.z, self.t).block_until_ready()
+        return self.forward(self.sample_params, self.z, self.t).block_until_ready()
 
     def pipeline_rate(self, repeats: int, batches_per_window: int) -> list[float]:
         """Examples/s of the input pipeline alone (its prefetch buffer drained first)."""
@@ -257,6 +268,7 @@ def measure_size(name: str, repeats: int, with_torch: bool) -> dict:
 
     jax_f32 = JaxSide(config, sampler_batch)
     jax_f32.train(2)  # off the zero-initialized output layers, so the parity check sees every path
+    jax_f32.sync_sample_params()
     num_params = sum(x.size for x in jax_f32.jax.tree.leaves(jax_f32.state["params"]))
     fwd = [timed(jax_f32.forward_once) for _ in range(repeats + 1)][1:]
     pipe = jax_f32.pipeline_rate(repeats, steps_per_window * 2)

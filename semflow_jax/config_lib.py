@@ -69,6 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
         batch_size=16,  # global: split over every device of the mesh (and over the processes)
         batch_size_per_device=0,  # > 0: the global batch is this times the number of devices (overrides)
         grad_accum_steps=1,  # micro-batches per update: batch_size / grad_accum_steps examples per pass
+        # Where the CPU is split into devices (semflow_jax/xla_options.py): train on at most this many of them
+        # (0 = all). A single device still uses every core; splitting pays only with enough work per device.
+        cpu_devices=0,
         lr=1e-3,
         lr_schedule="cosine",  # "constant", "linear" (to 0) or "cosine" (to 0), after the warm-up
         warmup_steps=100,
@@ -229,6 +232,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"train.grad_accum_steps={t.grad_accum_steps} must be >= 1 and divide "
             f"train.batch_size={t.batch_size}"
         )
+    if int(t.cpu_devices) < 0:
+        raise SemFlowError(f"train.cpu_devices must be >= 0 (0 = all), got {t.cpu_devices}")
     if int(config.fsdp_min_size) < 1:
         raise SemFlowError(f"fsdp_min_size must be >= 1, got {config.fsdp_min_size}")
     if any(int(n) < 1 for n in e.fid_steps):

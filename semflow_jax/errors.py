@@ -30,6 +30,10 @@ def run_cli(main: Callable[[Sequence[str]], None], prog: str) -> None:
 def _guarded(main: Callable[[], int | None], prog: str) -> None:
     """Runs main and exits with its code; a SemFlowError is one line on stderr and exit code 2."""
     try:
+        from semflow_jax import xla_options
+
+        if xla_options.PROBLEMS:  # a bad SEMFLOW_* setting read at import (where it could only warn)
+            raise SemFlowError(xla_options.PROBLEMS[0])
         code = main()
     except SemFlowError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)

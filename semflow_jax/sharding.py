@@ -50,6 +50,20 @@ def mesh_from_config(mesh_spec, devices=None) -> Mesh:
     return Mesh(np.asarray(devices).reshape(sizes), names, axis_types=(AxisType.Auto,) * len(names))
 
 
+def train_devices(max_cpu_devices: int, devices=None) -> list:
+    """The devices a train mesh spans: all, or the first max_cpu_devices where the CPU is split (one process).
+
+    XLA's CPU devices are a split of the same cores (semflow_jax/xla_options.py), and one of them alone still
+    runs every op on all cores; so using fewer only trades the split's overlap against its per-device
+    overheads, which win when each device's share of the batch is small. Accelerators: always all.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    cpu_split = all(d.platform == "cpu" for d in devices) and jax.process_count() == 1
+    if cpu_split and 0 < int(max_cpu_devices) < len(devices):
+        return devices[: int(max_cpu_devices)]
+    return devices
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dimension split over every mesh axis; the rest replicated."""
     return NamedSharding(mesh, P(mesh.axis_names))
@@ -85,7 +99,14 @@ def state_sharding(abstract_state, mesh: Mesh, min_size: int):
 def check_batch(batch_size: int, mesh: Mesh, key: str) -> None:
     """Refuses a global batch that the devices and processes cannot share evenly."""
     if batch_size % mesh.size:
-        raise SemFlowError(f"{key}={batch_size} must be divisible by the {mesh.size} devices of the mesh")
+        hint = ""
+        if all(d.platform == "cpu" for d in mesh.devices.flat):
+            hint = (
+                " (the CPU is split into that many devices: set SEMFLOW_CPU_DEVICES to choose another count)"
+            )
+        raise SemFlowError(
+            f"{key}={batch_size} must be divisible by the {mesh.size} devices of the mesh{hint}"
+        )
 
 
 def to_global(local: np.ndarray, mesh: Mesh) -> jax.Array:

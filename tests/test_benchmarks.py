@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -120,7 +122,10 @@ def test_the_package_sets_its_xla_defaults_and_leaves_the_users_alone():
 
     from semflow_jax import xla_options
 
-    assert flags_after_import() == " ".join(xla_options.CPU_DEFAULTS)
+    split = [f"{xla_options.DEVICE_COUNT_OPTION}={xla_options.cpu_devices({})}"]
+    split = split if xla_options.cpu_devices({}) > 1 else []
+    assert flags_after_import() == " ".join([*xla_options.CPU_DEFAULTS, *split])
+    assert flags_after_import(SEMFLOW_CPU_DEVICES="1") == " ".join(xla_options.CPU_DEFAULTS)
     assert flags_after_import(SEMFLOW_XLA_DEFAULTS="0") == ""
     mine = "--xla_cpu_experimental_ynn_fusion_type=eltwise"
     assert flags_after_import(XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {mine}") == (
@@ -131,14 +136,57 @@ def test_the_package_sets_its_xla_defaults_and_leaves_the_users_alone():
     assert env["XLA_FLAGS"].startswith("--xla_force_host_platform_device_count=2 --xla_cpu")
 
 
+def test_the_cpu_is_split_into_devices_unless_the_user_chose_a_count(monkeypatch):
+    from semflow_jax import xla_options
+
+    monkeypatch.setattr(xla_options, "usable_cores", lambda: 16)
+    assert xla_options.cpu_devices({}) == xla_options.DEFAULT_CPU_DEVICES == 2
+    monkeypatch.setattr(xla_options, "usable_cores", lambda: 1)
+    assert xla_options.cpu_devices({}) == 1
+    env = {}
+    assert xla_options.apply(env) == list(xla_options.CPU_DEFAULTS)  # one core: nothing to split
+    assert xla_options.cpu_devices({"SEMFLOW_CPU_DEVICES": " 3 "}) == 3
+    env = {"SEMFLOW_CPU_DEVICES": "3"}
+    assert xla_options.apply(env)[-1] == "--xla_force_host_platform_device_count=3"
+    env = {"SEMFLOW_CPU_DEVICES": "3", "JAX_NUM_CPU_DEVICES": "4"}  # jax's own setting wins
+    assert xla_options.apply(env) == list(xla_options.CPU_DEFAULTS)
+    for bad in ("0", "two", "-1"):
+        with pytest.raises(ValueError, match="SEMFLOW_CPU_DEVICES"):
+            xla_options.cpu_devices({"SEMFLOW_CPU_DEVICES": bad})
+
+
+def test_a_bad_cpu_device_count_is_one_line_and_exit_2():
+    """Read at import, where it can only warn; every command-line tool then refuses to run."""
+    env = {**os.environ, "SEMFLOW_CPU_DEVICES": "many"}
+    for module in ("semflow_jax.train", "semflow_jax.eval"):
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-W",
+                "ignore",
+                "-m",
+                module,
+                "--config=configs/shapes.py:tiny",
+                "--workdir=unused",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert "SEMFLOW_CPU_DEVICES='many'" in lines[0]
+
+
 def test_no_cpu_options_where_a_tpu_or_gpu_backend_does_the_work(monkeypatch):
     from semflow_jax import xla_options
 
     monkeypatch.setattr(xla_options, "accelerator_installed", lambda: True)
     env = {}
     assert xla_options.apply(env) == [] and "XLA_FLAGS" not in env
-    env = {"JAX_PLATFORMS": "cpu"}  # the accelerator is there, but the user asked for the CPU
-    assert xla_options.apply(env) == list(xla_options.CPU_DEFAULTS)
+    env = {"JAX_PLATFORMS": "cpu", "SEMFLOW_CPU_DEVICES": "1"}  # the accelerator is there, but the user
+    assert xla_options.apply(env) == list(xla_options.CPU_DEFAULTS)  # asked for the CPU
 
 
 def test_attribution_finds_every_convolution_of_the_unet():

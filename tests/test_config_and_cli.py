@@ -34,6 +34,7 @@ def test_shapes_config_is_valid():
         (lambda c: c.data.update(image_size=15), "image_size"),
         (lambda c: c.model.update(num_groups=5), "num_groups"),
         (lambda c: c.train.update(steps=0), "train.steps"),
+        (lambda c: c.train.update(cpu_devices=-1), "train.cpu_devices"),
         (lambda c: c.eval.update(num_samples=1), "num_samples"),
         (lambda c: c.data.update(name="imagenet"), "data.name"),
         (lambda c: c.train.update(stepz=3), "unknown config key"),

@@ -23,8 +23,16 @@ def test_mesh_from_config_fills_the_free_axis():
         sharding.mesh_from_config((("data", 16),))
     with pytest.raises(SemFlowError, match="at most one"):
         sharding.mesh_from_config((("data", -1), ("fsdp", -1)))
-    with pytest.raises(SemFlowError, match="divisible"):
+    with pytest.raises(SemFlowError, match="divisible by the 8 devices.*SEMFLOW_CPU_DEVICES"):
         sharding.check_batch(12, mesh, "train.batch_size")
+
+
+def test_training_can_span_fewer_of_the_cpu_split_devices():
+    assert len(sharding.train_devices(0)) == 8  # 0: all
+    assert sharding.train_devices(1) == jax.devices()[:1]
+    assert len(sharding.train_devices(3)) == 3 and len(sharding.train_devices(20)) == 8
+    mesh = sharding.mesh_from_config((("data", -1), ("fsdp", 1)), sharding.train_devices(2))
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 1}
 
 
 def test_batch_is_split_over_devices():
