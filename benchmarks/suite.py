@@ -144,7 +144,8 @@ class JaxSide:
             for b in self.host_batches
         ]
         self.train_step, self.train_compile_sec = timed_compile(step, self.state, self.batches[0])
-        self.train_flops = compiled_flops(self.train_step)
+        per_device = compiled_flops(self.train_step)  # XLA's cost analysis counts one device's share
+        self.train_flops = per_device * mesh.size if per_device else None
         self.batch_size = int(config.train.batch_size)
         self.step_count = 0
 
@@ -173,8 +174,10 @@ class JaxSide:
 
     def sync_sample_params(self):
         """The sampler's (and forward pass's) copy of the parameters, from the current train state."""
-        # A copy even where the meshes agree: the train step donates the state's buffers.
-        self.sample_params = self.jax.device_put(self.state["params"], self.params_sharding, may_alias=False)
+        # A fresh copy first: the train step donates the state's buffers, and device_put onto a larger mesh
+        # reuses the source buffer for the device both meshes share (even with may_alias=False, jax 0.10.2).
+        fresh = self.jax.tree.map(self.jax.numpy.copy, self.state["params"])
+        self.sample_params = self.jax.device_put(fresh, self.params_sharding)
 
     def train(self, steps: int):
         """Runs `steps` train steps on device batches and waits for them."""
