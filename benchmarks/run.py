@@ -62,7 +62,7 @@ def compiled_flops(compiled) -> float | None:
 
 def bench_train(config, repeats: int, warmup: int, steps_per_window: int) -> tuple[dict, dict]:
     """(train and input-pipeline results, trained EMA params): the sharded, donating step on device batches."""
-    mesh = sharding.mesh_from_config(config.mesh, sharding.train_devices(config.train.cpu_devices))
+    mesh = sharding.train_mesh(config)
     sharding.check_batch(config.train.batch_size, mesh, "train.batch_size")
     data_sharding = sharding.batch_sharding(mesh)
     _, state, state_sharding, train_step = build_training(config, mesh)

@@ -134,7 +134,7 @@ class JaxSide:
         from semflow_jax.train import build_training
 
         self.config, self.jax = config, jax
-        mesh = sharding.mesh_from_config(config.mesh, sharding.train_devices(config.train.cpu_devices))
+        mesh = sharding.train_mesh(config)
         data_sharding = sharding.batch_sharding(mesh)
         self.model, self.state, state_sharding, step = build_training(config, mesh)
         self.iterator = pipeline.train_iterator(config)

@@ -64,6 +64,11 @@ def train_devices(max_cpu_devices: int, devices=None) -> list:
     return devices
 
 
+def train_mesh(config) -> Mesh:
+    """The mesh a config trains on: config.mesh over `train_devices(config.train.cpu_devices)`."""
+    return mesh_from_config(config.mesh, train_devices(config.train.cpu_devices))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dimension split over every mesh axis; the rest replicated."""
     return NamedSharding(mesh, P(mesh.axis_names))

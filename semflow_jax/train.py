@@ -280,7 +280,7 @@ def train_and_checkpoint(config, workdir: str, quiet: bool = False) -> dict:
     """
     config = config_lib.validate(config)
     os.makedirs(workdir, exist_ok=True)
-    mesh = sharding.mesh_from_config(config.mesh, sharding.train_devices(config.train.cpu_devices))
+    mesh = sharding.train_mesh(config)
     config = config_lib.resolve_batch(config, mesh.size)
     tc = config.train
     sharding.check_batch(tc.batch_size, mesh, "train.batch_size")

@@ -11,8 +11,9 @@ cores; SEMFLOW_CPU_DEVICES=n chooses, 1 keeps one device). Every jitted step and
 already splits its batch over all devices of its mesh, so on a CPU two programs then run side by side, each
 on half the batch: the ops XLA:CPU runs on one thread (GroupNorm statistics, attention's small matmuls,
 the thin first and last convolutions; about 15% of the mid model's forward pass) overlap with the other
-half's work instead of leaving a core idle. Measured on a 2-core CPU: the mid model's sampler about 1.1x,
-its train step 1.1x (bfloat16 1.2x); 4 devices on 2 cores was slower than 2. Batches must then divide
+half's work instead of leaving a core idle. Measured on a 2-core CPU (benchmarks/suite.py): the mid model's
+25-step sampler went from 0.93x to 1.00-1.01x the PyTorch twin's speed, the shapes model's from 1.16x to
+1.23-1.25x; 4 devices on 2 cores was slower than 2. Batches must then divide
 evenly over the devices (train.batch_size, eval.batch_size; the numpy API pads). Not set where the user
 chose a device count (--xla_force_host_platform_device_count in XLA_FLAGS, or JAX_NUM_CPU_DEVICES).
 Measurements: `python benchmarks/suite.py` (its "XLA options" table) and benchmarks/README.md.
@@ -21,6 +22,7 @@ Measurements: `python benchmarks/suite.py` (its "XLA options" table) and benchma
 from __future__ import annotations
 
 import os
+import warnings
 
 # YNNPACK fusions of elementwise ops and reductions (GroupNorm, SiLU, the residual adds): the forward pass of
 # the shapes UNet about 1.6x faster on the 2-core CPU, its train step about 1.2x (benchmarks/README.md).
@@ -86,8 +88,6 @@ def apply(environ=None) -> list[str]:
     try:
         devices = cpu_devices(environ)
     except ValueError as e:
-        import warnings
-
         PROBLEMS.append(str(e))
         warnings.warn(f"{e}; using one CPU device", stacklevel=2)
         devices = 1
