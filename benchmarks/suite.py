@@ -121,7 +121,9 @@ def measure_peak(repeats: int) -> dict:
 class JaxSide:
     """The JAX train step and sampler of one config, built as semflow_jax builds them, on this process."""
 
-    def __init__(self, config, sampler_batch: int, sample_steps=(*SAMPLE_STEPS, 100)):
+    def __init__(
+        self, config, sampler_batch: int, sample_steps=(*SAMPLE_STEPS, 100), with_train: bool = True
+    ):
         import jax
         import jax.numpy as jnp
         import numpy as np
@@ -143,9 +145,11 @@ class JaxSide:
             {k: jax.make_array_from_process_local_data(data_sharding, b[k]) for k in ("image", "label")}
             for b in self.host_batches
         ]
-        self.train_step, self.train_compile_sec = timed_compile(step, self.state, self.batches[0])
-        per_device = compiled_flops(self.train_step)  # XLA's cost analysis counts one device's share
-        self.train_flops = per_device * mesh.size if per_device else None
+        self.train_step = self.train_compile_sec = self.train_flops = None
+        if with_train:  # without: the sampler alone, on the initial parameters
+            self.train_step, self.train_compile_sec = timed_compile(step, self.state, self.batches[0])
+            per_device = compiled_flops(self.train_step)  # XLA's cost analysis counts one device's share
+            self.train_flops = per_device * mesh.size if per_device else None
         self.batch_size = int(config.train.batch_size)
         self.step_count = 0
 
@@ -168,9 +172,22 @@ class JaxSide:
             )
             self.sample_compile_sec[n] = sec
             self.sample_fns[n] = fn
-        model = self.model
-        self.forward = jax.jit(lambda p, z, t: velocity_fn(model, p)(z, t))
-        self.t = jnp.full((sampler_batch,), 0.5)
+        # One forward pass as one step of the sampler makes it: the same network call (every example at the
+        # same t), the same shardings, compiled on its own; against it, images/s at N steps shows what the
+        # integrator adds.
+        model, batch_sharding = self.model, self.sampler.batch_sharding
+        replicated = sharding.replicated(eval_mesh)
+        self.forward, _ = timed_compile(
+            jax.jit(
+                lambda p, z, t: velocity_fn(model, p)(z, jnp.full((z.shape[0],), t)),
+                in_shardings=(params_sharding, batch_sharding, replicated),
+                out_shardings=batch_sharding,
+            ),
+            self.sample_params,
+            self.z,
+            jnp.float32(0.5),
+        )
+        self.t = jax.device_put(jnp.float32(0.5), replicated)
 
     def sync_sample_params(self):
         """The sampler's (and forward pass's) copy of the parameters, from the current train state."""
@@ -239,10 +256,14 @@ class TorchSide:
         import numpy as np
 
         v_jax = np.asarray(jax_side.forward_once())
+        v_torch = self.forward_once().numpy()
+        return float(np.abs(v_jax - v_torch).max() / max(np.abs(v_jax).max(), 1e-12))
+
+    def forward_once(self):
+        """One forward pass of the twin on the sampler batch at t = 0.5, as one step of its sampler."""
         with self.torch.inference_mode():
             t = self.torch.full((self.z.shape[0],), 0.5 * self.twin.TIME_SCALE)
-            v_torch = self.model(self.z, t).numpy()
-        return float(np.abs(v_jax - v_torch).max() / max(np.abs(v_jax).max(), 1e-12))
+            return self.model(self.z, t)
 
     def train(self, steps: int):
         """`steps` twin train steps."""
@@ -273,7 +294,6 @@ def measure_size(name: str, repeats: int, with_torch: bool) -> dict:
     jax_f32.train(2)  # off the zero-initialized output layers, so the parity check sees every path
     jax_f32.sync_sample_params()
     num_params = sum(x.size for x in jax_f32.jax.tree.leaves(jax_f32.state["params"]))
-    fwd = [timed(jax_f32.forward_once) for _ in range(repeats + 1)][1:]
     pipe = jax_f32.pipeline_rate(repeats, steps_per_window * 2)
     bf16_config = ml_collections.ConfigDict(copy.deepcopy(config.to_dict()))
     bf16_config.model.dtype = "bfloat16"
@@ -304,6 +324,7 @@ def measure_size(name: str, repeats: int, with_torch: bool) -> dict:
 
     b, sb = jax_f32.batch_size, sampler_batch
     pairs = {
+        "forward": pair(jax_f32.forward_once, torch_f32 and torch_f32.forward_once, sb),
         "train": pair(
             lambda: jax_f32.train(steps_per_window),
             torch_f32 and (lambda: torch_f32.train(steps_per_window)),
@@ -342,8 +363,9 @@ def measure_size(name: str, repeats: int, with_torch: bool) -> dict:
         flops_per_step=jax_f32.train_flops,
         flops_per_sec=(jax_f32.train_flops or 0) * train["jax_per_sec"]["median"] / b or None,
     )
-    forward_sec = statistics.median(fwd)
-    sampler = {"batch_size": sb, "forward_sec": forward_sec}
+    forward = entry("forward")
+    forward_sec = sb / forward["jax_per_sec"]["median"]
+    sampler = {"batch_size": sb, "forward": forward, "forward_sec": forward_sec}
     for n in SAMPLE_STEPS:
         e = entry(f"sample_{n}")
         # Against one forward pass times N: what the integrator adds beyond the network (1.0 = nothing).
@@ -383,12 +405,65 @@ def measure_xla_option(repeats: int) -> dict:
     }
 
 
+def measure_sampler_alone(name: str, repeats: int) -> dict:
+    """JAX alone on this process's devices: one forward pass and the 25-step sampler, alternating windows.
+
+    Also counts the memory each call touches fresh (minor page faults): XLA:CPU allocates a call's
+    temporary buffer anew on every call, and glibc maps one that large fresh from the OS each time (it is
+    above glibc's mmap threshold, at most 32 MiB), so a lone forward pass pays that once per step where the
+    sampler pays it once per N steps.
+    """
+    import resource
+
+    from configs import shapes as shapes_config
+
+    config = shapes_config.get_config(SIZES[name])
+    sb = int(config.eval.batch_size)
+    side = JaxSide(config, sb, sample_steps=(25,), with_train=False)
+    faults = {"forward": [], "sample_25": []}
+
+    def counting(key, fn):
+        def run():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            fn()
+            faults[key].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+
+        return run
+
+    rates = alternate(
+        {
+            "forward": (counting("forward", side.forward_once), lambda: None, sb),
+            "sample_25": (counting("sample_25", lambda: side.sample(25)), lambda: None, sb),
+        },
+        repeats,
+    )
+    forward, sample = rates["forward"][0], rates["sample_25"][0]
+    page_mib = resource.getpagesize() / 2**20
+    return {
+        "devices": int(side.z.sharding.mesh.size),
+        "forward_sec": sb / statistics.median(forward),
+        "sample_25_images_per_sec": summarize(sample),
+        "vs_forward_times_n": statistics.median(sample) / (statistics.median(forward) / 25),
+        "fresh_mib_per_call": {k: statistics.median(v) * page_mib for k, v in faults.items()},
+    }
+
+
+def with_device_count(xla_flags: str, count: int) -> str:
+    """xla_flags with the CPU device count option set to count (replacing one already there)."""
+    from semflow_jax.xla_options import DEVICE_COUNT_OPTION
+
+    kept = [f for f in xla_flags.split() if not f.startswith(DEVICE_COUNT_OPTION + "=")]
+    return " ".join([*kept, f"{DEVICE_COUNT_OPTION}={count}"])
+
+
 def worker(task: str, repeats: int, with_torch: bool, out_path: str) -> None:
     """Runs one task in this process and writes its JSON to out_path."""
     if task == "peak":
         result = measure_peak(repeats)
     elif task == "xla":
         result = measure_xla_option(repeats)
+    elif task.startswith("sampler-"):
+        result = measure_sampler_alone(task.removeprefix("sampler-"), repeats)
     else:
         result = measure_size(task, repeats, with_torch)
     with open(out_path, "w") as f:
@@ -502,6 +577,11 @@ def markdown(result: dict) -> str:
             f"| train step, bfloat16 compute, images/s | {_v(s['train_bf16'], 'jax_per_sec')} | "
             f"{_v(s['train_bf16'], 'twin_per_sec')} (autocast) | {_r(s['train_bf16'])} |",
         ]
+        e = sa["forward"]
+        lines.append(
+            f"| forward pass (the network once, as one sampler step), images/s | {_v(e, 'jax_per_sec')} | "
+            f"{_v(e, 'twin_per_sec')} | {_r(e)} |"
+        )
         for n in SAMPLE_STEPS:
             e = sa[f"steps_{n}"]
             lines.append(
@@ -531,6 +611,21 @@ def markdown(result: dict) -> str:
             f"{pipe['vs_train_consumption']:.1f}x what the float32 train step consumes.",
             f"- Peak memory (JAX process, before the twin): {s['memory']['peak_rss_mib_jax']:.0f} MiB RSS.",
         ]
+    if result.get("sampler_by_devices"):
+        lines += [
+            "",
+            "## The sampler against one forward pass, by CPU device count (JAX alone, one process per row)",
+            "",
+            "| size | CPU devices | one forward pass, ms | sampler N = 25, images/s "
+            "| images/s at N = 25 / (one pass x 25) | memory paged in per call: one pass / N = 25 |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in result["sampler_by_devices"]:
+            lines.append(
+                f"| {row['size']} | {row['devices']} | {1000 * row['forward_sec']:.1f} | "
+                f"{row['sample_25_images_per_sec']['median']:.2f} | {row['vs_forward_times_n']:.3f} | "
+                f"{row['fresh_mib_per_call']['forward']:.0f} MiB / {row['fresh_mib_per_call']['sample_25']:.0f} MiB |"
+            )
     if result.get("xla_options"):
         lines += [
             "",
@@ -576,6 +671,13 @@ def main():
         for name in sizes:
             print(f"measuring {name}", flush=True)
             result["sizes"][name] = run_worker(name, repeats, with_torch)
+        result["sampler_by_devices"] = []
+        for name in sizes:
+            for count in (1, 2) if not args.quick else (2,):
+                print(f"measuring the {name} sampler alone on {count} CPU device(s)", flush=True)
+                flags = with_device_count(result["environment"]["xla_flags"], count)
+                row = run_worker(f"sampler-{name}", repeats, False, {"XLA_FLAGS": flags})
+                result["sampler_by_devices"].append({"size": name, **row})
         result["xla_options"] = []
         if not args.quick:
             for flags in XLA_CANDIDATES:

@@ -12,8 +12,8 @@ already splits its batch over all devices of its mesh, so on a CPU two programs 
 on half the batch: the ops XLA:CPU runs on one thread (GroupNorm statistics, attention's small matmuls,
 the thin first and last convolutions; about 15% of the mid model's forward pass) overlap with the other
 half's work instead of leaving a core idle. Measured on a 2-core CPU (benchmarks/suite.py): the mid model's
-25-step sampler went from 0.93x to 1.00-1.01x the PyTorch twin's speed, the shapes model's from 1.16x to
-1.23-1.25x; 4 devices on 2 cores was slower than 2. Batches must then divide
+25-step sampler went from 0.93x to 1.00-1.03x the PyTorch twin's speed, the shapes model's from 1.16x to
+1.23-1.31x (four full runs); 4 devices on 2 cores was slower than 2. Batches must then divide
 evenly over the devices (train.batch_size, eval.batch_size; the numpy API pads). Not set where the user
 chose a device count (--xla_force_host_platform_device_count in XLA_FLAGS, or JAX_NUM_CPU_DEVICES).
 Measurements: `python benchmarks/suite.py` (its "XLA options" table) and benchmarks/README.md.

@@ -105,8 +105,27 @@ def test_suite_quick_measures_every_promised_number(tmp_path):
         s["memory"]["peak_rss_mib_jax"]
     )
     assert s["twin"] == "not measured (--no-torch)"
+    assert _positive(sampler["forward"]["jax_per_sec"]["median"]) and "ratio" not in sampler["forward"]
+    assert sampler["forward_sec"] == pytest.approx(
+        sampler["batch_size"] / sampler["forward"]["jax_per_sec"]["median"]
+    )
+    (alone,) = result["sampler_by_devices"]  # the tiny sampler alone, in a process of its own with 2 devices
+    assert alone["size"] == "tiny" and alone["devices"] == 2
+    assert _positive(alone["forward_sec"]) and _positive(alone["vs_forward_times_n"])
+    assert set(alone["fresh_mib_per_call"]) == {"forward", "sample_25"}
+    assert all(v >= 0 for v in alone["fresh_mib_per_call"].values())
     report = (tmp_path / "suite.md").read_text()
     assert "| sampler N = 25, images/s" in report and "GFLOP/s" in report
+    assert "| forward pass (the network once" in report and "| tiny | 2 |" in report
+
+
+def test_with_device_count_replaces_or_adds_the_option():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import suite
+
+    opt = "--xla_force_host_platform_device_count"
+    assert suite.with_device_count("", 1) == f"{opt}=1"
+    assert suite.with_device_count(f"--a=1 {opt}=8 --b", 2) == f"--a=1 --b {opt}=2"
 
 
 def test_the_package_sets_its_xla_defaults_and_leaves_the_users_alone():
