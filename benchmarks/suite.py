@@ -155,7 +155,8 @@ class JaxSide:
 
         # The sampler on the mesh eval.py builds (all devices; training may span fewer: train.cpu_devices).
         eval_mesh = sharding.mesh_from_config(config.mesh)
-        params_sharding = jax.tree.map(lambda _: sharding.replicated(eval_mesh), state_sharding["params"])
+        replicated = sharding.replicated(eval_mesh)
+        params_sharding = jax.tree.map(lambda _: replicated, state_sharding["params"])
         self.params_sharding = params_sharding
         self.sync_sample_params()
         self.sampler = make_sampler(config, eval_mesh, params_sharding)
@@ -176,7 +177,6 @@ class JaxSide:
         # same t), the same shardings, compiled on its own; against it, images/s at N steps shows what the
         # integrator adds.
         model, batch_sharding = self.model, self.sampler.batch_sharding
-        replicated = sharding.replicated(eval_mesh)
         self.forward, _ = timed_compile(
             jax.jit(
                 lambda p, z, t: velocity_fn(model, p)(z, jnp.full((z.shape[0],), t)),
