@@ -503,7 +503,8 @@ def environment() -> dict:
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
-    import semflow_jax  # noqa: F401  (sets the XLA defaults in os.environ)
+    import semflow_jax  # noqa: F401  (sets the XLA defaults in os.environ and the malloc defaults)
+    from semflow_jax import malloc_options
 
     def v(name):
         try:
@@ -525,6 +526,8 @@ def environment() -> dict:
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        # The workers import the package too, so JAX and the twin run under these alike.
+        "mallopt": dict(malloc_options.APPLIED),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 
@@ -539,6 +542,10 @@ def _v(e, key):
     return f"{s['median']:.1f}" if s else "-"
 
 
+def _mallopt_text(applied: dict | None) -> str:
+    return ", ".join(f"{k}={v}" for k, v in (applied or {}).items()) or "(glibc defaults)"
+
+
 def markdown(result: dict) -> str:
     """The report: one table per model size, the machine, the XLA option sets."""
     env, peak = result["environment"], result["peak"]
@@ -547,6 +554,7 @@ def markdown(result: dict) -> str:
         "",
         f"Machine: {env['cpu']}, {env['cpu_count']} cores; jax {env['jax']}, flax {env['flax']}, "
         f"torch {env['torch'] or 'not installed'}. XLA_FLAGS: `{env['xla_flags'] or '(none)'}`. "
+        f"mallopt (both sides): `{_mallopt_text(env.get('mallopt'))}`. "
         f"Matmul peak (float32, 2048^3): XLA {peak['xla_flops_per_sec'] / 1e9:.0f} GFLOP/s"
         + (
             f", torch {peak['torch_flops_per_sec'] / 1e9:.0f} GFLOP/s."

@@ -67,13 +67,18 @@ def accelerator_installed() -> bool:
     return any(importlib.util.find_spec(name) is not None for name in ("libtpu", "jax_plugins"))
 
 
+def cpu_does_the_work(environ) -> bool:
+    """Whether JAX will compute on the CPU: JAX_PLATFORMS=cpu, or no TPU or GPU backend installed."""
+    platforms = [x.strip() for x in environ.get("JAX_PLATFORMS", "").lower().split(",") if x.strip()]
+    return platforms == ["cpu"] or not accelerator_installed()
+
+
 def apply(environ=None) -> list[str]:
     """Adds the defaults to environ["XLA_FLAGS"] (default os.environ); returns the options it added."""
     environ = os.environ if environ is None else environ
     if switched_off(environ, "SEMFLOW_XLA_DEFAULTS"):
         return []
-    platforms = [x.strip() for x in environ.get("JAX_PLATFORMS", "").lower().split(",") if x.strip()]
-    if platforms != ["cpu"] and accelerator_installed():
+    if not cpu_does_the_work(environ):
         return []  # a TPU or GPU backend will run the work: CPU options buy nothing there, so none are set
     try:
         from importlib.metadata import version

@@ -208,6 +208,57 @@ def test_no_cpu_options_where_a_tpu_or_gpu_backend_does_the_work(monkeypatch):
     assert xla_options.apply(env) == list(xla_options.CPU_DEFAULTS)  # asked for the CPU
 
 
+# Allocates, touches, frees and reallocates 48 MiB (above glibc's largest dynamic mmap threshold, 32 MiB, so
+# by default a fresh mapping each time, as XLA's temporary buffers are) on the main thread: the memory paged in
+# by the second block is what a second XLA call would pay.
+_REUSE = """
+import ctypes, resource, semflow_jax
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+n = 48 << 20
+p = libc.malloc(n); libc.memset(p, 1, n); libc.free(p)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+p = libc.malloc(n); libc.memset(p, 1, n); libc.free(p)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_freed_large_blocks_are_reused_not_mapped_again():
+    def mib_paged_in_again(**env):
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("SEMFLOW_MALLOC", "MALLOC_"))}
+        proc = subprocess.run(
+            [sys.executable, "-c", _REUSE], cwd=ROOT, capture_output=True, text=True, env={**base, **env}
+        )
+        assert proc.returncode == 0, proc.stderr
+        return int(proc.stdout) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    assert mib_paged_in_again() < 4  # the package's defaults: the same pages again
+    assert mib_paged_in_again(SEMFLOW_MALLOC_DEFAULTS="0") > 40  # glibc's: all 48 MiB mapped and faulted anew
+    assert mib_paged_in_again(MALLOC_TRIM_THRESHOLD_="131072") > 40  # the user's own setting wins
+
+
+def test_malloc_defaults_only_where_the_cpu_computes_and_the_user_did_not_choose(monkeypatch):
+    from semflow_jax import malloc_options, xla_options
+
+    monkeypatch.setattr(malloc_options, "APPLIED", {})
+    monkeypatch.setattr(xla_options, "accelerator_installed", lambda: True)
+    assert malloc_options.apply({}) == {}  # a GPU or TPU computes: host malloc left alone
+    monkeypatch.setattr(xla_options, "accelerator_installed", lambda: False)
+    for env, reason in (
+        ({"SEMFLOW_MALLOC_DEFAULTS": "off"}, "SEMFLOW_MALLOC_DEFAULTS=0"),
+        ({"MALLOC_MMAP_MAX_": "1"}, "MALLOC_MMAP_MAX_"),
+        ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, "GLIBC_TUNABLES"),
+        ({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}, "LD_PRELOAD"),
+    ):
+        assert malloc_options.user_chose(env) == reason and malloc_options.apply(env) == {}
+    assert malloc_options.user_chose({"GLIBC_TUNABLES": "glibc.rtld.optional_static_tls=1"}) is None
+    monkeypatch.setattr(malloc_options, "glibc", lambda: False)
+    assert malloc_options.apply({}) == {}  # macOS, musl: these parameter numbers are glibc's
+
+
 def test_attribution_finds_every_convolution_of_the_unet():
     """benchmarks/attribution.py times the convolutions it reads from the jaxpr: all of them, with their shapes."""
     import jax

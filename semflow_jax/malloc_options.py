@@ -1,0 +1,76 @@
+"""glibc malloc settings the package sets by default where the CPU does the work: keep freed memory mapped.
+
+XLA:CPU allocates each call's temporary buffer anew (tens to hundreds of MiB for a UNet pass) and frees it
+when the call ends. With glibc's defaults a buffer that large is mapped fresh from the OS on every call and
+unmapped after it, so every call pays page faults and the kernel zeroing the pages again: about 4% of a lone
+forward pass of the mid model (113 MiB per call). `import semflow_jax` therefore calls
+mallopt(M_MMAP_MAX, 0) (serve large blocks from malloc's heaps, not from per-block mappings) and
+mallopt(M_TRIM_THRESHOLD, 1 GiB) (keep up to that much freed memory at the top of a heap instead of
+returning it), so the next call reuses the same pages. Measured on a 2-core CPU (benchmarks/suite.py, worker
+sampler-<size>, alternating processes): one mid forward pass 503-519 ms against 530-547, shapes 145 against
+149-151, the 25-step sampler the same or up to 4% faster, memory paged in per forward pass 0 MiB against
+112-128, peak memory the same. Not M_ARENA_MAX=1 (yet): one heap for all threads also keeps the train step's
+buffers of more than 64 MiB, but made the sampler 3-8% slower (README, "Benchmarks").
+
+What it costs: freed memory up to the threshold stays with the process instead of going back to the OS (a
+heap's peak stays resident). Blocks that a thread's heap cannot hold (over 64 MiB) are still mapped per
+block. Applied only on Linux with glibc, where the CPU runs the computation (the same test as the XLA
+defaults), and not where the user chose: SEMFLOW_MALLOC_DEFAULTS=0, the MALLOC_MMAP_MAX_ /
+MALLOC_TRIM_THRESHOLD_ variables, glibc.malloc.* tunables in GLIBC_TUNABLES, or another malloc in LD_PRELOAD.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+# mallopt parameter numbers from glibc's malloc.h.
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+# Blocks kept after a free: above a thread heap's 64 MiB, so a freed XLA temporary buffer is always kept there.
+TRIM_THRESHOLD = 1 << 30
+SETTINGS = (("M_MMAP_MAX", M_MMAP_MAX, 0), ("M_TRIM_THRESHOLD", M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+# What apply() set in this process, for the benchmarks' record: names and values.
+APPLIED: dict[str, int] = {}
+
+
+def user_chose(environ) -> str | None:
+    """Why the user's own malloc setup wins (a short reason), or None when the defaults may be set."""
+    from semflow_jax.xla_options import switched_off
+
+    if switched_off(environ, "SEMFLOW_MALLOC_DEFAULTS"):
+        return "SEMFLOW_MALLOC_DEFAULTS=0"
+    for name in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_"):
+        if name in environ:
+            return name
+    if "glibc.malloc." in environ.get("GLIBC_TUNABLES", ""):
+        return "GLIBC_TUNABLES"
+    if "malloc" in environ.get("LD_PRELOAD", ""):  # jemalloc, tcmalloc, mimalloc: glibc's knobs do nothing
+        return "LD_PRELOAD"
+    return None
+
+
+def glibc() -> bool:
+    """Whether this process runs on Linux with glibc (whose mallopt these parameter numbers are for)."""
+    return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
+def apply(environ=None) -> dict[str, int]:
+    """Sets SETTINGS with mallopt where they apply (see the module docstring); returns what it set."""
+    from semflow_jax.xla_options import cpu_does_the_work
+
+    environ = os.environ if environ is None else environ
+    if user_chose(environ) or not cpu_does_the_work(environ) or not glibc():
+        return {}
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return {}
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    for name, param, value in SETTINGS:
+        if mallopt(param, value) == 1:  # 1 is success; a refused value leaves glibc's default in place
+            APPLIED[name] = value
+    return dict(APPLIED)
