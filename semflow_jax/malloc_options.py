@@ -15,8 +15,9 @@ buffers of more than 64 MiB, but made the sampler 3-8% slower (README, "Benchmar
 What it costs: freed memory up to the threshold stays with the process instead of going back to the OS (a
 heap's peak stays resident). Blocks that a thread's heap cannot hold (over 64 MiB) are still mapped per
 block. Applied only on Linux with glibc, where the CPU runs the computation (the same test as the XLA
-defaults), and not where the user chose: SEMFLOW_MALLOC_DEFAULTS=0, the MALLOC_MMAP_MAX_ /
-MALLOC_TRIM_THRESHOLD_ variables, glibc.malloc.* tunables in GLIBC_TUNABLES, or another malloc in LD_PRELOAD.
+defaults), and not where the user chose: SEMFLOW_MALLOC_DEFAULTS=0, glibc's MALLOC_MMAP_MAX_,
+MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_ or MALLOC_TOP_PAD_ variables, glibc.malloc.* tunables in
+GLIBC_TUNABLES, or another malloc in LD_PRELOAD.
 """
 
 from __future__ import annotations
