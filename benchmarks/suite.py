@@ -73,15 +73,32 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def alternate(pairs: dict, repeats: int, warmup: int = 1) -> dict:
-    """Times each {key: (jax_fn, torch_fn, items_per_call)} in alternating windows; items/s per window."""
+def cpu_seconds() -> tuple[float, float]:
+    """This process's user and system (kernel) CPU seconds so far."""
+    import resource
+
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return u.ru_utime, u.ru_stime
+
+
+def alternate(pairs: dict, repeats: int, warmup: int = 1, jax_cpu: dict | None = None) -> dict:
+    """Times each {key: (jax_fn, torch_fn, items_per_call)} in alternating windows; items/s per window.
+
+    With jax_cpu, also appends each measured JAX window's (user, system) CPU seconds to jax_cpu[key]: system
+    time is the kernel's, mostly page faults of memory mapped fresh, which the wall clock alone hides.
+    """
     rates = {k: ([], []) for k in pairs}
     for r in range(warmup + repeats):
         for key, (jax_fn, torch_fn, items) in pairs.items():
-            j, t = timed(jax_fn), timed(torch_fn)
+            before = cpu_seconds()
+            j = timed(jax_fn)
+            after = cpu_seconds()
+            t = timed(torch_fn)
             if r >= warmup:
                 rates[key][0].append(items / j)
                 rates[key][1].append(items / t)
+                if jax_cpu is not None:
+                    jax_cpu.setdefault(key, []).append((after[0] - before[0], after[1] - before[1]))
     return rates
 
 
@@ -345,11 +362,15 @@ def measure_size(name: str, repeats: int, with_torch: bool) -> dict:
             lambda: jax_bf16.sample(25), torch_bf16 and (lambda: torch_bf16.sample(25)), sb
         ),
     }
-    rates = alternate(pairs, repeats)
+    jax_cpu = {}
+    rates = alternate(pairs, repeats, jax_cpu=jax_cpu)
 
     def entry(key):
         jax_rates, torch_rates = rates[key]
         e = {"jax_per_sec": summarize(jax_rates)}
+        user, system = zip(*jax_cpu[key], strict=True)
+        # CPU seconds of the process per JAX window (both sides share the process, but the twin is idle then).
+        e["jax_cpu_sec_per_window"] = {"user": statistics.median(user), "system": statistics.median(system)}
         if with_torch:
             e["twin_per_sec"] = summarize(torch_rates)
             e["ratio"] = ratio_summary(jax_rates, torch_rates)
@@ -358,6 +379,7 @@ def measure_size(name: str, repeats: int, with_torch: bool) -> dict:
     train = entry("train")
     train.update(
         batch_size=b,
+        steps_per_window=steps_per_window,
         num_params=num_params,
         compile_sec=jax_f32.train_compile_sec,
         flops_per_step=jax_f32.train_flops,
@@ -611,6 +633,17 @@ def markdown(result: dict) -> str:
                 if flops
                 else "FLOPs not reported."
             ),
+            "- CPU time per JAX window, user + system (the kernel's: page faults of memory mapped fresh): "
+            + ", ".join(
+                f"{label} {c['user']:.2f} + {c['system']:.2f} s"
+                for label, c in (
+                    (f"train float32 ({tr['steps_per_window']} step(s))", tr["jax_cpu_sec_per_window"]),
+                    ("bfloat16", s["train_bf16"]["jax_cpu_sec_per_window"]),
+                    ("forward pass", sa["forward"]["jax_cpu_sec_per_window"]),
+                    ("sampler N = 25", sa["steps_25"]["jax_cpu_sec_per_window"]),
+                )
+            )
+            + ".",
             f"- Sampler: one forward pass {1000 * sa['forward_sec']:.1f} ms; images/s at N steps / (one pass x N): "
             + ", ".join(f"N = {n}: {sa[f'steps_{n}']['vs_forward_times_n']:.2f}" for n in SAMPLE_STEPS)
             + f". Compile {sa['compile_sec']['1']:.2f} s at N = 1, {sa['compile_sec']['100']:.2f} s at N = 100 "

@@ -100,6 +100,9 @@ def test_suite_quick_measures_every_promised_number(tmp_path):
         assert _positive(e["vs_forward_times_n"]) and "ratio" not in e  # no twin without torch
     assert set(sampler["compile_sec"]) == {"1", "5", "25", "100"} and _positive(sampler["compile_100_vs_1"])
     assert _positive(s["train_bf16"]["jax_per_sec"]["median"])
+    for e in (train, s["train_bf16"], sampler["forward"], sampler["steps_25"]):
+        cpu = e["jax_cpu_sec_per_window"]  # a window's CPU time: at least some user time, never negative
+        assert _positive(cpu["user"]) and cpu["system"] >= 0
     assert _positive(s["sampler_bf16"]["steps_25"]["jax_per_sec"]["median"])
     assert _positive(s["input_pipeline"]["vs_train_consumption"]) and _positive(
         s["memory"]["peak_rss_mib_jax"]
@@ -117,6 +120,7 @@ def test_suite_quick_measures_every_promised_number(tmp_path):
     report = (tmp_path / "suite.md").read_text()
     assert "| sampler N = 25, images/s" in report and "GFLOP/s" in report
     assert "| forward pass (the network once" in report and "| tiny | 2 |" in report
+    assert "CPU time per JAX window, user + system" in report
 
 
 def test_with_device_count_replaces_or_adds_the_option():
