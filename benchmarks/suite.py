@@ -5,9 +5,10 @@ the jitted train step of semflow_jax/train.py (images/s, compile seconds, FLOPs 
 achieved FLOP/s as a fraction of this machine's matmul peak), the sampler (images/s at N = 1, 5, 25 against
 one forward pass times N; compile seconds at N = 1 and N = 100), the input pipeline (examples/s against what
 the train step consumes), peak memory, and bfloat16 compute. Beside each, the PyTorch twin of the same model
-(benchmarks/torch_twin.py: same blocks, the parameters copied over, the outputs checked equal first), timed
-in alternating windows in the same process, so each ratio (JAX / twin, > 1 means JAX is faster) is a ratio
-of medians measured under the same load; min and max are those of the per-window ratios. A last table runs
+(benchmarks/torch_twin.py: same blocks, the parameters copied over, the outputs checked equal first), run
+in a process of its own (benchmarks/twin_process.py says why) and timed there, in windows alternating with
+JAX's, so each ratio (JAX / twin, > 1 means JAX is faster) is a ratio of medians measured under the same
+machine load; min and max are those of the per-window ratios. A last table runs
 the shapes model under each candidate XLA:CPU option set, to show what the package's defaults buy.
 
 Each measurement runs in its own subprocess (its own XLA options, its own peak memory); the persistent
@@ -19,6 +20,7 @@ torch the JAX side is measured alone and the report says so.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
@@ -81,25 +83,43 @@ def cpu_seconds() -> tuple[float, float]:
     return u.ru_utime, u.ru_stime
 
 
-def alternate(pairs: dict, repeats: int, warmup: int = 1, jax_cpu: dict | None = None) -> dict:
-    """Times each {key: (jax_fn, torch_fn, items_per_call)} in alternating windows; items/s per window.
+def window(fn) -> dict:
+    """One timed call of fn in this process: wall seconds, and the user and system (kernel) CPU seconds.
 
-    With jax_cpu, also appends each measured JAX window's (user, system) CPU seconds to jax_cpu[key]: system
-    time is the kernel's, mostly page faults of memory mapped fresh, which the wall clock alone hides.
+    System time is mostly page faults of memory mapped fresh, which the wall clock alone hides.
     """
-    rates = {k: ([], []) for k in pairs}
+    user, system = cpu_seconds()
+    sec = timed(fn)
+    user_after, system_after = cpu_seconds()
+    return {"sec": sec, "user": user_after - user, "system": system_after - system}
+
+
+def alternate(pairs: dict, repeats: int, warmup: int = 1) -> dict:
+    """Runs each {key: (jax_fn, twin_fn or None, items_per_call)} in alternating windows, warmup first.
+
+    jax_fn runs here and is timed here; twin_fn runs one window of the twin and returns its `window` dict,
+    timed where it ran (the twin's own process). Returns {key: (jax_windows, twin_windows)}.
+    """
+    out = {k: ([], []) for k in pairs}
     for r in range(warmup + repeats):
-        for key, (jax_fn, torch_fn, items) in pairs.items():
-            before = cpu_seconds()
-            j = timed(jax_fn)
-            after = cpu_seconds()
-            t = timed(torch_fn)
+        for key, (jax_fn, twin_fn, _) in pairs.items():
+            j = window(jax_fn)
+            t = twin_fn() if twin_fn is not None else None
             if r >= warmup:
-                rates[key][0].append(items / j)
-                rates[key][1].append(items / t)
-                if jax_cpu is not None:
-                    jax_cpu.setdefault(key, []).append((after[0] - before[0], after[1] - before[1]))
-    return rates
+                out[key][0].append(j)
+                if t is not None:
+                    out[key][1].append(t)
+    return out
+
+
+def rates(windows: list[dict], items: int) -> list[float]:
+    """Items/s of each window."""
+    return [items / w["sec"] for w in windows]
+
+
+def cpu_per_window(windows: list[dict]) -> dict:
+    """Median user and system CPU seconds of the windows."""
+    return {k: statistics.median(w[k] for w in windows) for k in ("user", "system")}
 
 
 def peak_rss_mib() -> float:
@@ -242,61 +262,17 @@ class JaxSide:
         return rates
 
 
-class TorchSide:
-    """The PyTorch twin of a JaxSide: same model and weights, same train step and Euler sampler."""
+def twin_available() -> str | None:
+    """None when the twin can run here, else why not (torch is looked up, never imported in this process)."""
+    import importlib.util
 
-    def __init__(self, jax_side: JaxSide, autocast_dtype=None):
-        import numpy as np
-        import torch
-        import torch_twin
-
-        from semflow_jax import flow
-
-        config = jax_side.config
-        self.torch, self.twin = torch, torch_twin
-        self.model = torch_twin.from_config(config)
-        params = jax_side.jax.device_get(jax_side.state["params"])
-        torch_twin.load_flax_params(self.model, params)
-        self.num_params = torch_twin.num_params(self.model)
-        anchors = flow.anchors_for(config.data.num_classes, config.anchors.base, config.anchors.spacing)
-        self.autocast = autocast_dtype
-        self.step = torch_twin.TrainStep(self.model, config, anchors, autocast_dtype)
-        self.batches = [
-            (torch.from_numpy(np.array(b["image"])), torch.from_numpy(np.array(b["label"], np.int64)))
-            for b in jax_side.host_batches
-        ]
-        self.z = torch.from_numpy(np.array(jax_side.z))
-        self.count = 0
-
-    def parity(self, jax_side: JaxSide) -> float:
-        """Max |v_jax - v_twin| / max |v_jax| on the sampler batch at t = 0.5 (same weights)."""
-        import numpy as np
-
-        v_jax = np.asarray(jax_side.forward_once())
-        v_torch = self.forward_once().numpy()
-        return float(np.abs(v_jax - v_torch).max() / max(np.abs(v_jax).max(), 1e-12))
-
-    def forward_once(self):
-        """One forward pass of the twin on the sampler batch at t = 0.5, as one step of its sampler."""
-        with self.torch.inference_mode():
-            t = self.torch.full((self.z.shape[0],), 0.5 * self.twin.TIME_SCALE)
-            return self.model(self.z, t)
-
-    def train(self, steps: int):
-        """`steps` twin train steps."""
-        for _ in range(steps):
-            image, label = self.batches[self.count % len(self.batches)]
-            loss = self.step(image, label)
-            self.count += 1
-        return loss
-
-    def sample(self, n: int):
-        """The twin's Euler integration of the sampler batch, image -> mask."""
-        return self.twin.integrate(self.model, self.z, 1.0, n, self.autocast)
+    if importlib.util.find_spec("torch") is None:
+        return "not measured: torch is not installed (pip install -r requirements-benchmarks.txt)"
+    return None
 
 
 def measure_size(name: str, repeats: int, with_torch: bool) -> dict:
-    """Every measurement of one model size: JAX float32 and bfloat16, the twin beside each."""
+    """Every measurement of one model size: JAX float32 and bfloat16, the twin (own process) beside each."""
     import ml_collections
 
     from configs import shapes as shapes_config
@@ -315,65 +291,60 @@ def measure_size(name: str, repeats: int, with_torch: bool) -> dict:
     bf16_config = ml_collections.ConfigDict(copy.deepcopy(config.to_dict()))
     bf16_config.model.dtype = "bfloat16"
     jax_bf16 = JaxSide(bf16_config, sampler_batch, sample_steps=(25,))
-    out["memory"] = {"peak_rss_mib_jax": peak_rss_mib()}  # before torch is imported
 
-    torch_f32 = torch_bf16 = None
-    if not with_torch:
-        out["twin"] = "not measured (--no-torch)"
-    if with_torch:
-        try:
-            import torch
-        except ImportError:
-            with_torch = False
-            out["twin"] = "not measured: torch is not installed (pip install -r requirements-benchmarks.txt)"
-    if with_torch:
-        torch_f32 = TorchSide(jax_f32)
-        torch_bf16 = TorchSide(jax_bf16, torch.bfloat16)
-        out["twin"] = {
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "num_params": torch_f32.num_params,
-            "parity_max_rel_diff": torch_f32.parity(jax_f32),
-        }
+    why_not = "not measured (--no-torch)" if not with_torch else twin_available()
+    with contextlib.ExitStack() as stack:
+        twin = None
+        if why_not:
+            out["twin"] = why_not
+        else:
+            from twin_process import TwinProcess, write_setup
 
-    def pair(jax_fn, torch_fn, items):
-        return (jax_fn, torch_fn if torch_fn is not None else (lambda: None), items)
+            from semflow_jax import flow
 
-    b, sb = jax_f32.batch_size, sampler_batch
-    pairs = {
-        "forward": pair(jax_f32.forward_once, torch_f32 and torch_f32.forward_once, sb),
-        "train": pair(
-            lambda: jax_f32.train(steps_per_window),
-            torch_f32 and (lambda: torch_f32.train(steps_per_window)),
-            b * steps_per_window,
-        ),
-        **{
-            f"sample_{n}": pair(
-                lambda n=n: jax_f32.sample(n), torch_f32 and (lambda n=n: torch_f32.sample(n)), sb
+            twin = stack.enter_context(TwinProcess())
+            tmp = stack.enter_context(tempfile.TemporaryDirectory())
+            setup = os.path.join(tmp, "twin.pkl")
+            get = jax_f32.jax.device_get
+            write_setup(
+                setup,
+                config,
+                get(jax_f32.state["params"]),
+                get(jax_bf16.state["params"]),
+                jax_f32.host_batches,
+                jax_f32.z,
+                flow.anchors_for(config.data.num_classes, config.anchors.base, config.anchors.spacing),
+                jax_f32.forward_once(),
             )
-            for n in SAMPLE_STEPS
-        },
-        "train_bf16": pair(
-            lambda: jax_bf16.train(steps_per_window),
-            torch_bf16 and (lambda: torch_bf16.train(steps_per_window)),
-            b * steps_per_window,
-        ),
-        "sample_25_bf16": pair(
-            lambda: jax_bf16.sample(25), torch_bf16 and (lambda: torch_bf16.sample(25)), sb
-        ),
-    }
-    jax_cpu = {}
-    rates = alternate(pairs, repeats, jax_cpu=jax_cpu)
+            out["twin"] = twin.call("setup", path=setup)
+
+        def pair(jax_fn, twin_key, count, items):
+            twin_fn = twin and (lambda: twin.call("window", key=twin_key, count=count))
+            return (jax_fn, twin_fn, items)
+
+        b, sb, k = jax_f32.batch_size, sampler_batch, steps_per_window
+        pairs = {
+            "forward": pair(jax_f32.forward_once, "forward", 1, sb),
+            "train": pair(lambda: jax_f32.train(k), "train", k, b * k),
+            **{f"sample_{n}": pair(lambda n=n: jax_f32.sample(n), "sample", n, sb) for n in SAMPLE_STEPS},
+            "train_bf16": pair(lambda: jax_bf16.train(k), "train_bf16", k, b * k),
+            "sample_25_bf16": pair(lambda: jax_bf16.sample(25), "sample_bf16", 25, sb),
+        }
+        windows = alternate(pairs, repeats)
+        out["memory"] = {"peak_rss_mib_jax": peak_rss_mib()}
+        if twin:
+            out["memory"]["peak_rss_mib_twin"] = twin.call("peak_rss_mib")
 
     def entry(key):
-        jax_rates, torch_rates = rates[key]
-        e = {"jax_per_sec": summarize(jax_rates)}
-        user, system = zip(*jax_cpu[key], strict=True)
-        # CPU seconds of the process per JAX window (both sides share the process, but the twin is idle then).
-        e["jax_cpu_sec_per_window"] = {"user": statistics.median(user), "system": statistics.median(system)}
-        if with_torch:
-            e["twin_per_sec"] = summarize(torch_rates)
-            e["ratio"] = ratio_summary(jax_rates, torch_rates)
+        items = pairs[key][2]
+        jax_windows, twin_windows = windows[key]
+        jax_rates = rates(jax_windows, items)
+        e = {"jax_per_sec": summarize(jax_rates), "jax_cpu_sec_per_window": cpu_per_window(jax_windows)}
+        if twin_windows:
+            twin_rates = rates(twin_windows, items)
+            e["twin_per_sec"] = summarize(twin_rates)
+            e["twin_cpu_sec_per_window"] = cpu_per_window(twin_windows)
+            e["ratio"] = ratio_summary(jax_rates, twin_rates)
         return e
 
     train = entry("train")
@@ -452,14 +423,14 @@ def measure_sampler_alone(name: str, repeats: int) -> dict:
 
         return run
 
-    rates = alternate(
+    windows = alternate(
         {
-            "forward": (counting("forward", side.forward_once), lambda: None, sb),
-            "sample_25": (counting("sample_25", lambda: side.sample(25)), lambda: None, sb),
+            "forward": (counting("forward", side.forward_once), None, sb),
+            "sample_25": (counting("sample_25", lambda: side.sample(25)), None, sb),
         },
         repeats,
     )
-    forward, sample = rates["forward"][0], rates["sample_25"][0]
+    forward, sample = (rates(windows[k][0], sb) for k in ("forward", "sample_25"))
     page_mib = resource.getpagesize() / 2**20
     return {
         "devices": int(side.z.sharding.mesh.size),
@@ -560,8 +531,12 @@ def _r(e, key="ratio"):
 
 
 def _v(e, key):
+    """A rate to three significant digits (1.34, 33.0, 446): one decimal hides the mid sampler's differences."""
     s = e.get(key)
-    return f"{s['median']:.1f}" if s else "-"
+    if not s:
+        return "-"
+    x = s["median"]
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}"
 
 
 def _mallopt_text(applied: dict | None) -> str:
@@ -584,8 +559,8 @@ def markdown(result: dict) -> str:
             else "."
         ),
         "",
-        "Rates are medians of alternating windows in one process; ratio = JAX / PyTorch twin (> 1: JAX faster),",
-        "with the min-max of the per-window ratios.",
+        "Rates are medians of alternating windows, JAX in the worker's process and the twin in a process of its",
+        "own; ratio = JAX / PyTorch twin (> 1: JAX faster), with the min-max of the per-window ratios.",
     ]
     for name, s in result["sizes"].items():
         twin = s.get("twin")
@@ -633,24 +608,33 @@ def markdown(result: dict) -> str:
                 if flops
                 else "FLOPs not reported."
             ),
-            "- CPU time per JAX window, user + system (the kernel's: page faults of memory mapped fresh): "
-            + ", ".join(
-                f"{label} {c['user']:.2f} + {c['system']:.2f} s"
-                for label, c in (
-                    (f"train float32 ({tr['steps_per_window']} step(s))", tr["jax_cpu_sec_per_window"]),
-                    ("bfloat16", s["train_bf16"]["jax_cpu_sec_per_window"]),
-                    ("forward pass", sa["forward"]["jax_cpu_sec_per_window"]),
-                    ("sampler N = 25", sa["steps_25"]["jax_cpu_sec_per_window"]),
+            *(
+                f"- CPU time per {side} window, user + system (the kernel's: page faults of memory mapped fresh): "
+                + ", ".join(
+                    f"{label} {e[key]['user']:.2f} + {e[key]['system']:.2f} s"
+                    for label, e in (
+                        (f"train float32 ({tr['steps_per_window']} step(s))", tr),
+                        ("bfloat16", s["train_bf16"]),
+                        ("forward pass", sa["forward"]),
+                        ("sampler N = 25", sa["steps_25"]),
+                    )
                 )
-            )
-            + ".",
+                + "."
+                for side, key in (("JAX", "jax_cpu_sec_per_window"), ("twin", "twin_cpu_sec_per_window"))
+                if key in tr
+            ),
             f"- Sampler: one forward pass {1000 * sa['forward_sec']:.1f} ms; images/s at N steps / (one pass x N): "
             + ", ".join(f"N = {n}: {sa[f'steps_{n}']['vs_forward_times_n']:.2f}" for n in SAMPLE_STEPS)
             + f". Compile {sa['compile_sec']['1']:.2f} s at N = 1, {sa['compile_sec']['100']:.2f} s at N = 100 "
             f"({sa['compile_100_vs_1']:.2f}x).",
             f"- Input pipeline {pipe['examples_per_sec']['median']:.0f} examples/s = "
             f"{pipe['vs_train_consumption']:.1f}x what the float32 train step consumes.",
-            f"- Peak memory (JAX process, before the twin): {s['memory']['peak_rss_mib_jax']:.0f} MiB RSS.",
+            f"- Peak memory (RSS): JAX process {s['memory']['peak_rss_mib_jax']:.0f} MiB"
+            + (
+                f", twin process {s['memory']['peak_rss_mib_twin']:.0f} MiB."
+                if "peak_rss_mib_twin" in s["memory"]
+                else "."
+            ),
         ]
     if result.get("sampler_by_devices"):
         lines += [

@@ -163,15 +163,9 @@ class UNet(nn.Module):
 
 def from_config(config) -> UNet:
     """The twin of the UNet a semflow_jax config builds (pixel space): read off the flax module itself."""
-    from semflow_jax.models import build_model
+    from twin_process import unet_fields
 
-    jax_unet = build_model(config)
-    fields = "channels channel_mults num_res_blocks attention_resolutions num_heads num_groups".split()
-    return UNet(
-        out_channels=jax_unet.out_channels,
-        image_size=int(config.data.image_size),
-        **{k: getattr(jax_unet, k) for k in fields},
-    )
+    return UNet(**unet_fields(config))
 
 
 def load_flax_params(model: UNet, params: dict) -> None:
