@@ -262,6 +262,18 @@ class JaxSide:
         return rates
 
 
+PARITY_TOLERANCE = 1e-4  # float32 twins agree to about 1e-6 relative; a wrong port is off by far more
+
+
+def check_parity(max_rel_diff: float) -> None:
+    """Refuses to time a twin whose velocity differs from JAX's on the same weights (a different model)."""
+    if not max_rel_diff <= PARITY_TOLERANCE:  # NaN fails too
+        raise RuntimeError(
+            f"the twin's output differs from JAX's by {max_rel_diff:.1e} relative (tolerance "
+            f"{PARITY_TOLERANCE:.0e}): benchmarks/torch_twin.py no longer matches the JAX UNet"
+        )
+
+
 def twin_available() -> str | None:
     """None when the twin can run here, else why not (torch is looked up, never imported in this process)."""
     import importlib.util
@@ -317,6 +329,7 @@ def measure_size(name: str, repeats: int, with_torch: bool) -> dict:
                 jax_f32.forward_once(),
             )
             out["twin"] = twin.call("setup", path=setup)
+            check_parity(out["twin"]["parity_max_rel_diff"])
 
         def pair(jax_fn, twin_key, count, items):
             twin_fn = twin and (lambda: twin.call("window", key=twin_key, count=count))

@@ -120,3 +120,10 @@ def test_alternate_interleaves_the_two_sides_and_drops_the_warmup():
     # Without a twin, only JAX's windows.
     alone = suite.alternate({"a": (jax_fn("a"), None, 4)}, repeats=2, warmup=0)
     assert len(alone["a"][0]) == 2 and alone["a"][1] == []
+
+
+def test_a_twin_that_computes_something_else_is_refused():
+    suite.check_parity(1.2e-6)
+    for bad in (3e-3, float("nan")):
+        with pytest.raises(RuntimeError, match=r"differs from JAX's by .* no longer matches the JAX UNet"):
+            suite.check_parity(bad)
