@@ -4,10 +4,10 @@ Reads every convolution of the UNet from the jaxpr of its forward pass (shape, s
 times it occurs; the twin runs the same ones, except that each upsampling step is one 3x3 convolution at
 twice the resolution where JAX runs four 2x2 ones at the low resolution), then times each distinct one
 alone, forward and forward + backward (the input and the weight gradient), under XLA (jitted, the package's
-XLA options) and under torch (NCHW, as the twin runs it), in alternating windows. The whole train step of
-both is timed the same way in the same process; the remainder (step minus convolutions) is the GroupNorm,
-SiLU, attention, time-embedding, loss, clipping, AdamW and EMA work. Writes
-benchmarks/results/attribution_<size>.json and prints a Markdown table. Needs torch
+XLA options) and under torch (NCHW, as the twin runs it) in a process of its own (twin_process.py, as in
+suite.py), in alternating windows. The whole train step of both is timed the same way; the remainder (step
+minus convolutions) is the GroupNorm, SiLU, attention, time-embedding, loss, clipping, AdamW and EMA work.
+Writes benchmarks/results/attribution_<size>.json and prints a Markdown table. Needs torch
 (requirements-benchmarks.txt).
 """
 
@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import statistics
 import sys
+import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -56,21 +58,18 @@ def conv_sites(model, params, z, t) -> list[tuple[dict, int]]:
     return [(specs[k][0] | {"params": specs[k][1]}, n) for k, n in counts.items()]
 
 
-def conv_pair(spec: dict):
-    """(jax_fwd, jax_fwd_bwd, torch_fwd, torch_fwd_bwd) callables for one convolution, each blocking."""
+def jax_convolution(spec: dict):
+    """(forward, forward + backward) callables of one convolution under XLA, on random data, each blocking."""
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import torch
-    import torch.nn.functional as F
 
-    params = spec["params"]
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal(spec["lhs"], np.float32))
     w = jnp.asarray(rng.standard_normal(spec["rhs"], np.float32) * 0.05)
 
     def conv(x, w):
-        return jax.lax.conv_general_dilated_p.bind(x, w, **params)
+        return jax.lax.conv_general_dilated_p.bind(x, w, **spec["params"])
 
     fwd = jax.jit(conv)
 
@@ -79,36 +78,9 @@ def conv_pair(spec: dict):
         y, vjp = jax.vjp(conv, x, w)
         return vjp(y)  # the input and the weight gradient
 
-    ct = fwd(x, w)
-    fwd_bwd(x, w)
-    # torch: NCHW / OIHW, XLA's (lo, hi) padding applied as the twin does (F.pad where it is uneven).
-    tx = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
-    tw = torch.from_numpy(np.asarray(w).transpose(3, 2, 0, 1).copy())
-    (plo, phi), (qlo, qhi) = spec["padding"]
-    even = plo == phi and qlo == qhi
-
-    def tconv(x, w):
-        if even:
-            return F.conv2d(x, w, stride=spec["strides"], padding=(plo, qlo))
-        return F.conv2d(F.pad(x, (qlo, qhi, plo, phi)), w, stride=spec["strides"])
-
-    tct = torch.from_numpy(np.asarray(ct).transpose(0, 3, 1, 2).copy())
-
-    def t_fwd():
-        with torch.no_grad():
-            tconv(tx, tw)
-
-    txg, twg = tx.clone().requires_grad_(True), tw.clone().requires_grad_(True)
-
-    def t_fwd_bwd():
-        torch.autograd.grad(tconv(txg, twg), (txg, twg), tct)
-
-    return (
-        lambda: fwd(x, w).block_until_ready(),
-        lambda: jax.block_until_ready(fwd_bwd(x, w)),
-        t_fwd,
-        t_fwd_bwd,
-    )
+    fwd(x, w).block_until_ready()
+    jax.block_until_ready(fwd_bwd(x, w))
+    return lambda: fwd(x, w).block_until_ready(), lambda: jax.block_until_ready(fwd_bwd(x, w))
 
 
 def textbook_sites(sites: list[tuple[dict, int]]) -> list[tuple[dict, int]]:
@@ -142,15 +114,18 @@ def attribute(size: str, repeats: int) -> dict:
     JAX's convolutions are read from its jaxpr, the twin's are the same but for the upsampling ones
     (`textbook_sites`); every distinct one is timed in both frameworks, each side counts its own.
     """
+    import jax
     import jax.numpy as jnp
+    from twin_process import TwinProcess, write_setup
 
     from configs import shapes as shapes_config
+    from semflow_jax import flow
 
     config = shapes_config.get_config(suite.SIZES[size])
     config.train.ema_decay = 0.999
     jax_side = suite.JaxSide(config, int(config.train.batch_size), sample_steps=(1,))
     jax_side.train(2)
-    torch_side = suite.TorchSide(jax_side)
+    jax_side.sync_sample_params()
     b = jax_side.batch_size
     z = jnp.zeros((b, *jax_side.z.shape[1:]), jnp.float32)
     jax_sites = conv_sites(jax_side.model, jax_side.state["params"], z, jnp.full((b,), 0.5))
@@ -165,15 +140,41 @@ def attribute(size: str, repeats: int) -> dict:
             specs[key(spec)] = spec
             counts[key(spec)][side] += n
     distinct = list(specs)
-    pairs = {"step": (lambda: jax_side.train(1), lambda: torch_side.train(1), 1)}
-    for i, k in enumerate(distinct):
-        jf, jfb, tf, tfb = conv_pair(specs[k])
-        pairs[f"conv{i}_fwd"] = (jf, tf, 1)
-        pairs[f"conv{i}_fwd_bwd"] = (jfb, tfb, 1)
-    rates = suite.alternate(pairs, repeats)
+    with contextlib.ExitStack() as stack:
+        # The twin in its own process, as in suite.py (twin_process.py says why).
+        twin = stack.enter_context(TwinProcess())
+        setup = os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), "twin.pkl")
+        write_setup(
+            setup,
+            config,
+            jax.device_get(jax_side.state["params"]),
+            None,
+            jax_side.host_batches,
+            jax_side.z,
+            flow.anchors_for(config.data.num_classes, config.anchors.base, config.anchors.spacing),
+            jax_side.forward_once(),
+        )
+        suite.check_parity(twin.call("setup", path=setup)["parity_max_rel_diff"])
+        twin.call("setup_convs", specs=[json.loads(k) for k in distinct])
+        pairs = {
+            "step": (
+                lambda: jax_side.train(1),
+                lambda: twin.call("window", key="train", count=1),
+                1,
+            )
+        }
+        for i, k in enumerate(distinct):
+            jf, jfb = jax_convolution(specs[k])
+            pairs[f"conv{i}_fwd"] = (jf, lambda i=i: twin.call("conv_window", index=i, kind="fwd"), 1)
+            pairs[f"conv{i}_fwd_bwd"] = (
+                jfb,
+                lambda i=i: twin.call("conv_window", index=i, kind="fwd_bwd"),
+                1,
+            )
+        windows = suite.alternate(pairs, repeats)
 
     def ms(key, side):
-        return 1000 / statistics.median(rates[key][side])
+        return 1000 * statistics.median(w["sec"] for w in windows[key][side])
 
     convs = []
     for i, k in enumerate(distinct):
@@ -196,9 +197,12 @@ def attribute(size: str, repeats: int) -> dict:
     for side_name in ("jax", "twin"):
         fwd = sum(c[f"{side_name}_fwd_ms"] for c in convs)
         both = sum(c[f"{side_name}_fwd_bwd_ms"] for c in convs)
-        step = ms("step", 0 if side_name == "jax" else 1)
+        side = 0 if side_name == "jax" else 1
+        step = ms("step", side)
         total[side_name] = {
             "step_ms": step,
+            # the kernel's share of the step (page faults of buffers mapped fresh), part of the remainder
+            "step_system_ms": 1000 * statistics.median(w["system"] for w in windows["step"][side]),
             "conv_fwd_ms": fwd,
             "conv_bwd_ms": both - fwd,
             "rest_ms": step - both,
@@ -223,6 +227,7 @@ def markdown(r: dict) -> str:
         ),
         ("the same, backward (input + weight gradients)", "conv_bwd_ms"),
         ("everything else (norms, SiLU, attention, loss, optimizer, EMA)", "rest_ms"),
+        ("of the step: kernel (system) CPU time", "step_system_ms"),
     ]
     lines = [
         f"### {r['size']}, batch {r['batch_size']}, ms per train step",
@@ -253,8 +258,13 @@ def main():
             file=sys.stderr,
         )
         sys.exit(2)
+    os.makedirs(args.out_dir, exist_ok=True)
     for size in sizes:
-        result = attribute(size, args.repeats)
+        try:
+            result = attribute(size, args.repeats)
+        except RuntimeError as e:  # the twin's process failed, or its output differs from JAX's
+            print(f"attribution: error: {e}", file=sys.stderr)
+            sys.exit(1)
         result["environment"] = suite.environment()
         path = os.path.join(args.out_dir, f"attribution_{size}.json")
         atomic_write_bytes(path, (json.dumps(result, indent=2) + "\n").encode())

@@ -70,13 +70,14 @@ def cases():
     ]
 
 
-def measure(repeats: int) -> list[dict]:
-    """Times every case; one row each."""
+def measure(repeats: int, batch: int | None = None) -> list[dict]:
+    """Times every case; one row each. batch replaces each case's batch size (the tests use 1)."""
     import jax
     import jax.numpy as jnp
 
     rows = []
     for name, shape, textbook, ours in cases():
+        shape = shape if batch is None else (batch, *shape[1:])
         x = jax.random.normal(jax.random.PRNGKey(0), shape) * 2 + 0.5
         params = textbook.init(jax.random.PRNGKey(1), x)
         fns = {}
@@ -93,18 +94,21 @@ def measure(repeats: int) -> list[dict]:
         pairs = {
             kind: (
                 lambda f=fns["textbook"][i], p=params, x=x: jax.block_until_ready(f(p, x)),
-                lambda f=fns["ours"][i], p=params, x=x: jax.block_until_ready(f(p, x)),
+                # suite.alternate's second side returns its own timed window
+                lambda f=fns["ours"][i], p=params, x=x: suite.window(lambda: jax.block_until_ready(f(p, x))),
                 1,
             )
             for i, kind in enumerate(("forward", "forward_backward"))
         }
-        rates = suite.alternate(pairs, repeats)
+        windows = suite.alternate(pairs, repeats)
         row = {"layer": name, "shape": list(shape), "max_rel_diff": rel}
-        for kind, (textbook_rates, our_rates) in rates.items():
+        for kind, (textbook_windows, our_windows) in windows.items():
+            textbook_sec = statistics.median(w["sec"] for w in textbook_windows)
+            our_sec = statistics.median(w["sec"] for w in our_windows)
             row[kind] = {
-                "textbook_ms": 1e3 / statistics.median(textbook_rates),
-                "ours_ms": 1e3 / statistics.median(our_rates),
-                "speedup": statistics.median(our_rates) / statistics.median(textbook_rates),
+                "textbook_ms": 1e3 * textbook_sec,
+                "ours_ms": 1e3 * our_sec,
+                "speedup": textbook_sec / our_sec,
             }
         rows.append(row)
         print(markdown_row(row), flush=True)

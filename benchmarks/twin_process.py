@@ -120,6 +120,8 @@ def unet_fields(config) -> dict:
 def write_setup(path: str, config, params_f32, params_bf16, host_batches, z, anchors, v_jax) -> None:
     """Everything the twin needs, as numpy and plain values: the config and UNet, both weights, the data.
 
+    params_bf16 may be None: no bfloat16 twin is built.
+
     The UNet's arguments travel too, so the twin's process never imports jax (its memory is the twin's).
     """
     import numpy as np
@@ -133,7 +135,7 @@ def write_setup(path: str, config, params_f32, params_bf16, host_batches, z, anc
                 "config": config.to_dict(),
                 "unet": unet_fields(config),
                 "params_f32": to_numpy(params_f32),
-                "params_bf16": to_numpy(params_bf16),
+                "params_bf16": None if params_bf16 is None else to_numpy(params_bf16),
                 "host_batches": [{k: np.asarray(b[k]) for k in ("image", "label")} for b in host_batches],
                 "z": np.asarray(z),
                 "anchors": np.asarray(anchors),
@@ -183,11 +185,47 @@ class TorchSide:
         return self.twin.integrate(self.model, self.z, 1.0, n, self.autocast)
 
 
+def torch_convolution(lhs, rhs, strides, padding):
+    """(forward, forward + backward) callables of one convolution as the twin runs it, on random data.
+
+    lhs and rhs are XLA's NHWC input and HWIO kernel shapes, padding XLA's ((lo, hi), (lo, hi)); torch runs
+    NCHW / OIHW, with F.pad first where the padding is uneven, as the twin's stride-2 convolutions do.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    n, h, w, cin = lhs
+    kh, kw, _, cout = rhs
+    x = torch.randn(n, cin, h, w, generator=gen)
+    k = torch.randn(cout, cin, kh, kw, generator=gen) * 0.05
+    (plo, phi), (qlo, qhi) = padding
+
+    def conv(x, k):
+        if plo == phi and qlo == qhi:
+            return F.conv2d(x, k, stride=tuple(strides), padding=(plo, qlo))
+        return F.conv2d(F.pad(x, (qlo, qhi, plo, phi)), k, stride=tuple(strides))
+
+    with torch.no_grad():
+        cotangent = torch.randn(conv(x, k).shape, generator=gen)
+    xg, kg = x.clone().requires_grad_(True), k.clone().requires_grad_(True)
+
+    def forward():
+        with torch.no_grad():
+            conv(x, k)
+
+    def forward_backward():
+        torch.autograd.grad(conv(xg, kg), (xg, kg), cotangent)
+
+    return forward, forward_backward
+
+
 class TwinHandler:
     """The twin's server ops: `setup` from the JAX side's file, then timed windows, then peak memory."""
 
     def __init__(self):
         self.f32 = self.bf16 = None
+        self.convs = []
 
     def op_setup(self, path: str) -> dict:
         """Builds the float32 and bfloat16 twins; the twin's version, threads, size and its parity with JAX."""
@@ -204,7 +242,8 @@ class TwinHandler:
             return TorchSide(config, data["unet"], params, batches, z, anchors, dtype)
 
         self.f32 = side(data["params_f32"])
-        self.bf16 = side(data["params_bf16"], torch.bfloat16)
+        if data["params_bf16"] is not None:
+            self.bf16 = side(data["params_bf16"], torch.bfloat16)
         v_jax = data["v_jax"]
         v_twin = self.f32.forward_once().numpy()
         return {
@@ -227,9 +266,21 @@ class TwinHandler:
             "train_bf16": lambda: self.bf16.train(count),
             "sample_bf16": lambda: self.bf16.sample(count),
         }
-        if self.f32 is None:
-            raise RuntimeError("setup has not run")
+        if self.f32 is None or (key.endswith("bf16") and self.bf16 is None):
+            raise RuntimeError(f"setup has not built the twin that {key!r} needs")
         return window(runs[key])
+
+    def op_setup_convs(self, specs: list[dict]) -> int:
+        """Builds one lone convolution per spec (see `torch_convolution`); returns how many."""
+        self.convs = [torch_convolution(**spec) for spec in specs]
+        return len(self.convs)
+
+    def op_conv_window(self, index: int, kind: str) -> dict:
+        """One timed window of convolution `index`: kind "fwd" or "fwd_bwd" (input and weight gradients)."""
+        from suite import window
+
+        forward, forward_backward = self.convs[index]
+        return window({"fwd": forward, "fwd_bwd": forward_backward}[kind])
 
     def op_peak_rss_mib(self) -> float:
         """This process's peak resident memory so far, MiB."""

@@ -324,3 +324,19 @@ def test_layer_benchmark_cases_share_parameters_and_agree():
         np.testing.assert_allclose(
             ours.apply(params, x), want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max())
         )
+
+
+def test_layer_benchmark_times_both_forms_of_every_case():
+    """benchmarks/layers.py's timing loop end to end, at batch 1 and one window."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import layers as layer_bench
+
+    rows = layer_bench.measure(repeats=1, batch=1)
+    assert len(rows) == len(layer_bench.cases())
+    for row in rows:
+        assert row["max_rel_diff"] < 1e-4
+        for kind in ("forward", "forward_backward"):
+            r = row[kind]
+            assert _positive(r["textbook_ms"]) and _positive(r["ours_ms"])
+            assert r["speedup"] == pytest.approx(r["textbook_ms"] / r["ours_ms"])
+        assert layer_bench.markdown_row(row).startswith("|")
