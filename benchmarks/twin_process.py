@@ -120,9 +120,8 @@ def unet_fields(config) -> dict:
 def write_setup(path: str, config, params_f32, params_bf16, host_batches, z, anchors, v_jax) -> None:
     """Everything the twin needs, as numpy and plain values: the config and UNet, both weights, the data.
 
-    params_bf16 may be None: no bfloat16 twin is built.
-
     The UNet's arguments travel too, so the twin's process never imports jax (its memory is the twin's).
+    params_bf16 may be None: then no bfloat16 twin is built.
     """
     import numpy as np
 
