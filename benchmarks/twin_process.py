@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import select
 import subprocess
 import sys
 import tempfile
@@ -53,7 +54,10 @@ def serve(handler, requests, replies) -> None:
 class TwinProcess:
     """Client: starts a server (by default the twin's) in a subprocess; `call` is one request and its reply."""
 
-    def __init__(self, argv: list[str] | None = None, env: dict | None = None):
+    def __init__(self, argv: list[str] | None = None, env: dict | None = None, timeout: float = 900.0):
+        # timeout: seconds one reply may take (the longest twin window, a mid-size 25-step sampling, takes
+        # about 12 s on 2 cores); past it the server is taken for hung, killed, and the call fails.
+        self.timeout = timeout
         self._stderr = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
             argv or [sys.executable, os.path.abspath(__file__)],
@@ -74,6 +78,12 @@ class TwinProcess:
         try:
             self.proc.stdin.write(json.dumps({"op": op, **arguments}) + "\n")
             self.proc.stdin.flush()
+            # One request, one reply line: nothing is buffered between calls, so waiting on the pipe is exact.
+            ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout)
+            if not ready:
+                self.proc.kill()
+                self.proc.wait()
+                raise RuntimeError(f"twin process did not answer {op!r} within {self.timeout:g} s; killed it")
             line = self.proc.stdout.readline()
         except (BrokenPipeError, OSError):
             line = ""

@@ -84,6 +84,14 @@ def test_client_times_windows_in_the_servers_process_and_reports_its_errors():
     assert twin.proc.returncode == 3
 
 
+def test_a_server_that_does_not_answer_in_time_is_killed():
+    twin = twin_process.TwinProcess([sys.executable, "-c", FAKE_SERVER], timeout=1.0)
+    with pytest.raises(RuntimeError, match=r"^twin process did not answer 'window' within 1 s; killed it$"):
+        twin.call("window", seconds=30)
+    assert twin.proc.returncode is not None
+    twin.close()  # nothing left to end
+
+
 def test_close_ends_the_server():
     twin = twin_process.TwinProcess([sys.executable, "-c", FAKE_SERVER])
     twin.call("pid")
