@@ -20,7 +20,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -114,12 +113,9 @@ def attribute(size: str, repeats: int) -> dict:
     JAX's convolutions are read from its jaxpr, the twin's are the same but for the upsampling ones
     (`textbook_sites`); every distinct one is timed in both frameworks, each side counts its own.
     """
-    import jax
     import jax.numpy as jnp
-    from twin_process import TwinProcess, write_setup
 
     from configs import shapes as shapes_config
-    from semflow_jax import flow
 
     config = shapes_config.get_config(suite.SIZES[size])
     config.train.ema_decay = 0.999
@@ -142,19 +138,7 @@ def attribute(size: str, repeats: int) -> dict:
     distinct = list(specs)
     with contextlib.ExitStack() as stack:
         # The twin in its own process, as in suite.py (twin_process.py says why).
-        twin = stack.enter_context(TwinProcess())
-        setup = os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), "twin.pkl")
-        write_setup(
-            setup,
-            config,
-            jax.device_get(jax_side.state["params"]),
-            None,
-            jax_side.host_batches,
-            jax_side.z,
-            flow.anchors_for(config.data.num_classes, config.anchors.base, config.anchors.spacing),
-            jax_side.forward_once(),
-        )
-        suite.check_parity(twin.call("setup", path=setup)["parity_max_rel_diff"])
+        twin, _ = suite.start_twin(stack, jax_side)
         twin.call("setup_convs", specs=[json.loads(k) for k in distinct])
         pairs = {
             "step": (

@@ -274,6 +274,34 @@ def check_parity(max_rel_diff: float) -> None:
         )
 
 
+def start_twin(stack: contextlib.ExitStack, jax_side: JaxSide, params_bf16=None):
+    """The twin of jax_side in its own process (closed with `stack`), built and checked equal to JAX.
+
+    Returns (TwinProcess, the setup reply: torch version, threads, size, parity). With params_bf16, a
+    bfloat16 (autocast) twin on those weights is built too.
+    """
+    from twin_process import TwinProcess, write_setup
+
+    from semflow_jax import flow
+
+    config = jax_side.config
+    twin = stack.enter_context(TwinProcess())
+    setup = os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), "twin.pkl")
+    write_setup(
+        setup,
+        config,
+        jax_side.jax.device_get(jax_side.state["params"]),
+        params_bf16,
+        jax_side.host_batches,
+        jax_side.z,
+        flow.anchors_for(config.data.num_classes, config.anchors.base, config.anchors.spacing),
+        jax_side.forward_once(),
+    )
+    info = twin.call("setup", path=setup)
+    check_parity(info["parity_max_rel_diff"])
+    return twin, info
+
+
 def twin_available() -> str | None:
     """None when the twin can run here, else why not (torch is looked up, never imported in this process)."""
     import importlib.util
@@ -310,26 +338,8 @@ def measure_size(name: str, repeats: int, with_torch: bool) -> dict:
         if why_not:
             out["twin"] = why_not
         else:
-            from twin_process import TwinProcess, write_setup
-
-            from semflow_jax import flow
-
-            twin = stack.enter_context(TwinProcess())
-            tmp = stack.enter_context(tempfile.TemporaryDirectory())
-            setup = os.path.join(tmp, "twin.pkl")
-            get = jax_f32.jax.device_get
-            write_setup(
-                setup,
-                config,
-                get(jax_f32.state["params"]),
-                get(jax_bf16.state["params"]),
-                jax_f32.host_batches,
-                jax_f32.z,
-                flow.anchors_for(config.data.num_classes, config.anchors.base, config.anchors.spacing),
-                jax_f32.forward_once(),
-            )
-            out["twin"] = twin.call("setup", path=setup)
-            check_parity(out["twin"]["parity_max_rel_diff"])
+            bf16_params = jax_bf16.jax.device_get(jax_bf16.state["params"])
+            twin, out["twin"] = start_twin(stack, jax_f32, bf16_params)
 
         def pair(jax_fn, twin_key, count, items):
             twin_fn = twin and (lambda: twin.call("window", key=twin_key, count=count))
