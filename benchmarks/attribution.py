@@ -2,7 +2,8 @@
 
 Reads every convolution of the UNet from the jaxpr of its forward pass (shape, stride, padding, how many
 times it occurs; the twin runs the same ones, except that each upsampling step is one 3x3 convolution at
-twice the resolution where JAX runs four 2x2 ones at the low resolution), then times each distinct one
+twice the resolution where JAX runs four 2x2 ones at the low resolution, and each decoder block's first
+convolution is one over [h, skip] concatenated where JAX runs one per part), then times each distinct one
 alone, forward and forward + backward (the input and the weight gradient), under XLA (jitted, the package's
 XLA options) and under torch (NCHW, as the twin runs it) in a process of its own (twin_process.py, as in
 suite.py), in alternating windows. The whole train step of both is timed the same way; the remainder (step
@@ -27,13 +28,12 @@ sys.path.insert(0, HERE)
 import suite  # noqa: E402  (also puts the repository root on sys.path)
 
 
-def conv_sites(model, params, z, t) -> list[tuple[dict, int]]:
-    """The distinct convolutions of one forward pass and how often each occurs: [(spec, count)]."""
+def conv_calls(model, params, z, t) -> list[tuple[dict, str]]:
+    """Every convolution of one forward pass in order: [(spec with the primitive's params, module path)]."""
     import jax
     from jax.extend.core import jaxprs_in_params
 
-    counts: collections.Counter = collections.Counter()
-    specs = {}
+    calls = []
 
     def walk(jaxpr):
         for eqn in jaxpr.eqns:
@@ -44,17 +44,32 @@ def conv_sites(model, params, z, t) -> list[tuple[dict, int]]:
                     "rhs": tuple(eqn.invars[1].aval.shape),
                     "strides": tuple(p["window_strides"]),
                     "padding": tuple(tuple(x) for x in p["padding"]),
+                    "params": p,
                 }
-                key = json.dumps(spec)
-                counts[key] += 1
-                specs[key] = (spec, eqn.params)
+                calls.append((spec, str(eqn.source_info.name_stack)))
             for sub in jaxprs_in_params(eqn.params):
                 walk(sub)
 
     from semflow_jax.models import velocity_fn
 
     walk(jax.make_jaxpr(lambda p: velocity_fn(model, p)(z, t))(params).jaxpr)
-    return [(specs[k][0] | {"params": specs[k][1]}, n) for k, n in counts.items()]
+    return calls
+
+
+def _count(specs: list[dict]) -> list[tuple[dict, int]]:
+    """Distinct convolutions (by shapes, strides and padding) and how often each occurs: [(spec, count)]."""
+    counts: collections.Counter = collections.Counter()
+    first = {}
+    for spec in specs:
+        key = json.dumps({k: spec[k] for k in ("lhs", "rhs", "strides", "padding")})
+        counts[key] += 1
+        first.setdefault(key, spec)
+    return [(first[k], n) for k, n in counts.items()]
+
+
+def conv_sites(model, params, z, t) -> list[tuple[dict, int]]:
+    """The distinct convolutions of JAX's forward pass and how often each occurs: [(spec, count)]."""
+    return _count([spec for spec, _ in conv_calls(model, params, z, t)])
 
 
 def jax_convolution(spec: dict):
@@ -82,29 +97,37 @@ def jax_convolution(spec: dict):
     return lambda: fwd(x, w).block_until_ready(), lambda: jax.block_until_ready(fwd_bwd(x, w))
 
 
-def textbook_sites(sites: list[tuple[dict, int]]) -> list[tuple[dict, int]]:
-    """The twin's convolutions: each upsampling step's four 2x2 ones (models/layers.py) as the one 3x3 SAME
-    convolution at twice the resolution that the twin runs after F.interpolate; the others as they are."""
-    upsampling: collections.Counter = collections.Counter()
-    out, params = [], {}
-    for spec, n in sites:
-        if spec["rhs"][:2] == (2, 2) and spec["strides"] == (1, 1):
-            key = (spec["lhs"], spec["rhs"])
-            upsampling[key] += n
-            params[key] = spec["params"]
-        else:
-            out.append((spec, n))
-    for (lhs, rhs), n in upsampling.items():
+def textbook_sites(model, params, z, t) -> list[tuple[dict, int]]:
+    """The twin's convolutions, one per Conv parameter, from JAX's calls grouped by module: an upsampling
+    step's four 2x2 ones (models/layers.py) become the one 3x3 SAME convolution at twice the resolution that
+    the twin runs after F.interpolate; a decoder block's one convolution per part of [h, skip]
+    (`ConcatConv`) becomes one over the concatenation; the others stay as they are."""
+    modules: dict[str, list[dict]] = {}
+    for spec, module in conv_calls(model, params, z, t):
+        modules.setdefault(module, []).append(spec)
+    out = []
+    for specs in modules.values():
+        first = specs[0]
+        if len(specs) == 1:
+            out.append(first)
+            continue
+        lhs, rhs = first["lhs"], first["rhs"]
+        if rhs[:2] == (2, 2):  # upsampling: 4 parities of one 3x3 kernel
+            lhs, rhs = (lhs[0], 2 * lhs[1], 2 * lhs[2], lhs[3]), (3, 3, *rhs[2:])
+        else:  # parts of one input: channels side by side
+            cin = sum(s["rhs"][2] for s in specs)
+            lhs, rhs = (*lhs[:3], cin), (*rhs[:2], cin, rhs[3])
         padding = ((1, 1), (1, 1))
-        spec = {
-            "lhs": (lhs[0], 2 * lhs[1], 2 * lhs[2], lhs[3]),
-            "rhs": (3, 3, *rhs[2:]),
-            "strides": (1, 1),
-            "padding": padding,
-            "params": params[(lhs, rhs)] | {"padding": padding, "window_strides": (1, 1)},
-        }
-        out.append((spec, n // 4))
-    return out
+        out.append(
+            {
+                "lhs": lhs,
+                "rhs": rhs,
+                "strides": (1, 1),
+                "padding": padding,
+                "params": first["params"] | {"padding": padding, "window_strides": (1, 1)},
+            }
+        )
+    return _count(out)
 
 
 def attribute(size: str, repeats: int) -> dict:
@@ -124,8 +147,8 @@ def attribute(size: str, repeats: int) -> dict:
     jax_side.sync_sample_params()
     b = jax_side.batch_size
     z = jnp.zeros((b, *jax_side.z.shape[1:]), jnp.float32)
-    jax_sites = conv_sites(jax_side.model, jax_side.state["params"], z, jnp.full((b,), 0.5))
-    twin_sites = textbook_sites(jax_sites)
+    traced = (jax_side.model, jax_side.state["params"], z, jnp.full((b,), 0.5))
+    jax_sites, twin_sites = conv_sites(*traced), textbook_sites(*traced)
 
     def key(spec):
         return json.dumps({k: spec[k] for k in ("lhs", "rhs", "strides", "padding")})

@@ -6,6 +6,7 @@ and of `shapes` (batch 64), forward and forward + backward, jitted, in alternati
 give the same values first:
 - nearest x2 upsampling + 3x3 convolution (jnp.repeat, then nn.Conv) vs four 2x2 convolutions at low resolution;
 - GroupNorm -> SiLU -> 3x3 convolution with flax's nn.GroupNorm vs `layers.GroupNorm(silu=True)`;
+- the decoder's ResBlock on [h, skip]: concatenated first (jnp.concatenate) vs read part by part (`ConcatConv`);
 - flax's default attention vs jax.nn.dot_product_attention inside nn.MultiHeadDotProductAttention.
 Writes benchmarks/results/layers.json and prints a Markdown table (medians, ms; ratio = textbook / ours).
 """
@@ -25,8 +26,12 @@ import suite  # noqa: E402  (also puts the repository root on sys.path)
 
 
 def cases():
-    """[(name, shape, textbook module, our module)] on the shapes the benchmarked UNets run."""
+    """[(name, input shape, textbook module, our module)] on the shapes the benchmarked UNets run.
+
+    A tuple of shapes is an input of several arrays, passed to the modules as one tuple.
+    """
     import flax.linen as nn
+    import jax.numpy as jnp
 
     from semflow_jax.models import layers, unet
 
@@ -53,6 +58,16 @@ def cases():
                 )
             return nn.Conv(self.features, (3, 3), name="conv")(nn.silu(nn.GroupNorm(8, name="norm")(x)))
 
+    class Decoder(nn.Module):  # a decoder ResBlock on [h, skip], the time embedding all ones
+        ours: bool
+        features: int
+
+        @nn.compact
+        def __call__(self, parts):
+            temb = jnp.ones((parts[0].shape[0], 4 * self.features))
+            block = unet.ResBlock(self.features, 8, name="block")
+            return block(parts if self.ours else jnp.concatenate(parts, axis=-1), temb)
+
     def attention(ours):
         fn = unet.dot_product_attention if ours else nn.dot_product_attention
         return nn.MultiHeadDotProductAttention(num_heads=2, attention_fn=fn)
@@ -65,6 +80,15 @@ def cases():
         ("GroupNorm-SiLU-conv", (16, 64, 64, 64), NormConv(False, 64), NormConv(True, 64)),
         ("GroupNorm-SiLU-conv", (16, 32, 32, 256), NormConv(False, 128), NormConv(True, 128)),
         ("GroupNorm-SiLU-conv", (64, 32, 32, 96), NormConv(False, 32), NormConv(True, 32)),
+        *[
+            ("decoder ResBlock [h, skip]", (h, skip), Decoder(False, f), Decoder(True, f))
+            for h, skip, f in (
+                ((16, 64, 64, 128), (16, 64, 64, 64), 64),
+                ((16, 64, 64, 64), (16, 64, 64, 64), 64),
+                ((16, 32, 32, 128), (16, 32, 32, 128), 128),
+                ((64, 32, 32, 64), (64, 32, 32, 32), 32),
+            )
+        ],
         ("self-attention, 2 heads", (16, 256, 128), attention(False), attention(True)),
         ("self-attention, 2 heads", (64, 64, 128), attention(False), attention(True)),
     ]
@@ -77,8 +101,11 @@ def measure(repeats: int, batch: int | None = None) -> list[dict]:
 
     rows = []
     for name, shape, textbook, ours in cases():
-        shape = shape if batch is None else (batch, *shape[1:])
-        x = jax.random.normal(jax.random.PRNGKey(0), shape) * 2 + 0.5
+        shapes = shape if isinstance(shape[0], tuple) else (shape,)
+        shapes = [s if batch is None else (batch, *s[1:]) for s in shapes]
+        xs = tuple(jax.random.normal(jax.random.PRNGKey(i), s) * 2 + 0.5 for i, s in enumerate(shapes))
+        x = xs if isinstance(shape[0], tuple) else xs[0]
+        shape = [list(s) for s in shapes] if isinstance(shape[0], tuple) else list(shapes[0])
         params = textbook.init(jax.random.PRNGKey(1), x)
         fns = {}
         for key, m in (("textbook", textbook), ("ours", ours)):
@@ -88,7 +115,9 @@ def measure(repeats: int, batch: int | None = None) -> list[dict]:
         want, got = fns["textbook"][0](params, x), fns["ours"][0](params, x)
         rel = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
         if not rel < 1e-4:
-            raise RuntimeError(f"{name} {shape}: ours differs from the textbook by {rel:.1e} (relative)")
+            raise RuntimeError(
+                f"{name} {_shape_text(shape)}: ours differs from the textbook by {rel:.1e} (relative)"
+            )
         for fwd, grad in fns.values():  # compile
             jax.block_until_ready((fwd(params, x), grad(params, x)))
         pairs = {
@@ -101,7 +130,7 @@ def measure(repeats: int, batch: int | None = None) -> list[dict]:
             for i, kind in enumerate(("forward", "forward_backward"))
         }
         windows = suite.alternate(pairs, repeats)
-        row = {"layer": name, "shape": list(shape), "max_rel_diff": rel}
+        row = {"layer": name, "shape": shape, "max_rel_diff": rel}
         for kind, (textbook_windows, our_windows) in windows.items():
             textbook_sec = statistics.median(w["sec"] for w in textbook_windows)
             our_sec = statistics.median(w["sec"] for w in our_windows)
@@ -115,11 +144,17 @@ def measure(repeats: int, batch: int | None = None) -> list[dict]:
     return rows
 
 
+def _shape_text(shape: list) -> str:
+    """16x64x64x128, or 16x64x64x128 + 16x64x64x64 for an input of several arrays."""
+    shapes = shape if isinstance(shape[0], list) else [shape]
+    return " + ".join("x".join(map(str, s)) for s in shapes)
+
+
 def markdown_row(r: dict) -> str:
     """One table row."""
     f, b = r["forward"], r["forward_backward"]
     return (
-        f"| {r['layer']} | {'x'.join(map(str, r['shape']))} | {f['textbook_ms']:.1f} | {f['ours_ms']:.1f} | "
+        f"| {r['layer']} | {_shape_text(r['shape'])} | {f['textbook_ms']:.1f} | {f['ours_ms']:.1f} | "
         f"**{f['speedup']:.2f}x** | {b['textbook_ms']:.1f} | {b['ours_ms']:.1f} | **{b['speedup']:.2f}x** |"
     )
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -286,21 +287,19 @@ def test_attribution_finds_every_convolution_of_the_unet():
     z, t = jnp.zeros((2, 16, 16, 3)), jnp.full((2,), 0.5)
     params = model.init(jax.random.PRNGKey(0), z, t)["params"]
     sites = attribution.conv_sites(model, params, z, t)
-    # Every Conv's HWIO kernel; an upsampling one ("up<level>") runs as four 2x2 convolutions (models/layers.py).
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    expected = []
-    for path, x in flat:
-        if x.ndim == 4:
-            upsampling = str(path[0].key).startswith("up") and "_" not in str(path[0].key)
-            expected += [(2, 2, *x.shape[2:])] * 4 if upsampling else [x.shape]
-    assert sum(n for _, n in sites) == len(expected) > 5
-    assert any(shape[:2] == (2, 2) for shape in expected)
-    assert sorted(s["rhs"] for s, n in sites for _ in range(n)) == sorted(expected)
-    assert all(s["lhs"][0] == 2 for s, _ in sites)  # the batch the pass was traced with
-    # The twin's list: one 3x3 kernel per Conv parameter, the upsampling ones at twice their input's size.
-    twin = attribution.textbook_sites(sites)
     kernels = sorted(x.shape for x in jax.tree.leaves(params) if x.ndim == 4)
+    # Every Conv's HWIO kernel once, but: an upsampling one ("up<level>") runs as four 2x2 convolutions, a
+    # decoder block's first one ("up<level>_res<i>/conv1") as one per part of [h, skip] (models/layers.py).
+    upsampling = [k for k in params if re.fullmatch(r"up\d+", k)]
+    decoder = [k for k in params if re.fullmatch(r"up\d+_res\d+", k)]
+    assert upsampling and decoder
+    assert sum(n for _, n in sites) == len(kernels) + 3 * len(upsampling) + len(decoder)
+    assert sum(n for s, n in sites if s["rhs"][:2] == (2, 2)) == 4 * len(upsampling)
+    assert all(s["lhs"][0] == 2 for s, _ in sites)  # the batch the pass was traced with
+    # The twin's list: one convolution per Conv parameter, the upsampling ones at twice their input's size.
+    twin = attribution.textbook_sites(model, params, z, t)
     assert sorted(s["rhs"] for s, n in twin for _ in range(n)) == kernels
+    assert all(s["lhs"][3] == s["rhs"][2] for s, _ in twin)
     ups = [
         s for s, _ in twin if s["rhs"][:2] == (3, 3) and s["lhs"][1] > 8 and s["padding"] == ((1, 1), (1, 1))
     ]
@@ -317,7 +316,9 @@ def test_layer_benchmark_cases_share_parameters_and_agree():
     import layers as layer_bench
 
     for _name, shape, textbook, ours in layer_bench.cases():
-        x = jax.random.normal(jax.random.PRNGKey(0), (1, *shape[1:]))
+        shapes = shape if isinstance(shape[0], tuple) else (shape,)  # several: one tuple of arrays
+        xs = tuple(jax.random.normal(jax.random.PRNGKey(i), (1, *s[1:])) for i, s in enumerate(shapes))
+        x = xs if isinstance(shape[0], tuple) else xs[0]
         params = textbook.init(jax.random.PRNGKey(1), x)
         assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(1), x)) == jax.tree.map(jnp.shape, params)
         want = textbook.apply(params, x)

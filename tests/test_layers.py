@@ -113,6 +113,85 @@ def test_group_norm_computes_in_float32_and_returns_the_compute_dtype():
         layers.GroupNorm(3).init(jax.random.PRNGKey(0), x)
 
 
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("silu", [False, True])
+def test_group_norm_of_parts_is_group_norm_of_their_concatenation(fast, silu):
+    """Channel parts (a group straddling their boundary) normalize as their concatenation; gradients too."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 3, 6)) * 2 + 1
+    b = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 3, 10)) - 0.5
+    scale = jax.random.normal(jax.random.PRNGKey(2), (16,))
+    bias = jax.random.normal(jax.random.PRNGKey(3), (16,))
+
+    def whole(a, b, scale, bias):
+        return layers.group_norm(jnp.concatenate([a, b], -1), scale, bias, 4, 1e-6, fast, silu=silu)
+
+    def parts(a, b, scale, bias):
+        return jnp.concatenate(layers.group_norm((a, b), scale, bias, 4, 1e-6, fast, silu=silu), -1)
+
+    got = layers.group_norm((a, b), scale, bias, 4, 1e-6, fast, silu=silu)
+    assert isinstance(got, tuple) and [p.shape[-1] for p in got] == [6, 10]
+    np.testing.assert_allclose(parts(a, b, scale, bias), whole(a, b, scale, bias), rtol=1e-5, atol=1e-5)
+    w = jax.random.normal(jax.random.PRNGKey(4), (2, 5, 3, 16))
+    grads = [
+        jax.grad(lambda *x, f=f: jnp.sum(f(*x) * w), argnums=(0, 1, 2, 3))(a, b, scale, bias)
+        for f in (whole, parts)
+    ]
+    for g, g_ref in zip(*grads, strict=True):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_concat_conv_is_nn_conv_of_the_concatenation(dense):
+    """ConcatConv: nn.Conv's (or nn.Dense's) parameters and initial values, its output and gradients."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 5, 3))
+    b = jax.random.normal(jax.random.PRNGKey(1), (2, 6, 5, 4))
+    ref = nn.Dense(8) if dense else nn.Conv(8, (3, 3))
+    ours = layers.ConcatConv(8, dense=dense)
+    params = ref.init(jax.random.PRNGKey(2), jnp.concatenate([a, b], -1))
+    mine = ours.init(jax.random.PRNGKey(2), (a, b))
+    assert jax.tree.map(jnp.shape, mine) == jax.tree.map(jnp.shape, params)
+    for x, y in zip(jax.tree.leaves(mine), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(x, y)  # the same initializers under the same names
+    params = jax.tree.map(lambda x: x + 0.1, params)  # a nonzero bias
+
+    def whole(p, a, b):
+        return ref.apply(p, jnp.concatenate([a, b], -1))
+
+    def parts(p, a, b):
+        return ours.apply(p, (a, b))
+
+    np.testing.assert_allclose(parts(params, a, b), whole(params, a, b), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        ours.apply(params, (jnp.concatenate([a, b], -1),)), whole(params, a, b), rtol=1e-6
+    )
+    grads = [
+        jax.grad(lambda p, a, b, f=f: jnp.sum(f(p, a, b) ** 2), argnums=(0, 1, 2))(params, a, b)
+        for f in (whole, parts)
+    ]
+    for g, g_ref in zip(jax.tree.leaves(grads[1]), jax.tree.leaves(grads[0]), strict=True):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("widths, channels", [((16, 8), 8), ((8, 8), 16)])
+def test_res_block_on_parts_is_the_block_on_their_concatenation(widths, channels):
+    """The decoder passes [h, skip] as parts: the same parameters and output as concatenating first, with the
+    1x1 skip projection (width change) or the identity residual (widths adding up to the block's)."""
+    xs = tuple(jax.random.normal(jax.random.PRNGKey(i), (2, 4, 4, c)) for i, c in enumerate(widths))
+    temb = jax.random.normal(jax.random.PRNGKey(9), (2, 12))
+    block = unet.ResBlock(channels, 4)
+    params = block.init(jax.random.PRNGKey(3), jnp.concatenate(xs, -1), temb)
+    assert jax.tree.map(jnp.shape, block.init(jax.random.PRNGKey(3), xs, temb)) == jax.tree.map(
+        jnp.shape, params
+    )
+    params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(4), x.shape), params)
+    np.testing.assert_allclose(
+        block.apply(params, xs, temb),
+        block.apply(params, jnp.concatenate(xs, -1), temb),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
 def test_unet_attention_matches_flax_default():
     """The UNet's attention_fn (jax.nn.dot_product_attention) gives flax's default attention."""
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 8))

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from semflow_jax.models.layers import GroupNorm, UpsampleConv
+from semflow_jax.models.layers import ConcatConv, GroupNorm, UpsampleConv
 
 
 def timestep_embedding(t, dim: int, max_period: float = 10000.0):
@@ -33,7 +33,11 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0):
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-Conv twice, the time embedding added in between, a 1x1 skip when widths differ."""
+    """GroupNorm-SiLU-Conv twice, the time embedding added in between, a 1x1 skip when widths differ.
+
+    x may be a tuple of arrays: the block's input is then their channel concatenation (the decoder's
+    [h, skip]), which the first GroupNorm, convolution and the skip read part by part, never building it.
+    """
 
     channels: int
     num_groups: int
@@ -42,8 +46,9 @@ class ResBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, temb, train: bool = False):
-        h = GroupNorm(self.num_groups, dtype=self.dtype, silu=True, name="norm1")(x)
-        h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="conv1")(h)
+        parts = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+        h = GroupNorm(self.num_groups, dtype=self.dtype, silu=True, name="norm1")(parts)
+        h = ConcatConv(self.channels, (3, 3), dtype=self.dtype, name="conv1")(h)
         h = h + nn.Dense(self.channels, dtype=self.dtype, name="time")(nn.silu(temb))[:, None, None, :]
         h = GroupNorm(self.num_groups, dtype=self.dtype, silu=True, name="norm2")(h)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
@@ -52,8 +57,10 @@ class ResBlock(nn.Module):
         h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, kernel_init=nn.initializers.zeros, name="conv2")(
             h
         )
-        if x.shape[-1] != self.channels:
-            x = nn.Dense(self.channels, dtype=self.dtype, name="skip")(x)
+        if sum(p.shape[-1] for p in parts) != self.channels:
+            x = ConcatConv(self.channels, dense=True, dtype=self.dtype, name="skip")(parts)
+        elif len(parts) > 1:
+            x = jnp.concatenate(parts, axis=-1)
         return x + h
 
 
@@ -135,8 +142,8 @@ class UNet(nn.Module):
 
         for level, mult in reversed(list(enumerate(self.channel_mults))):
             for i in range(self.num_res_blocks + 1):
-                h = jnp.concatenate([h, skips.pop()], axis=-1)
-                h = res(self.channels * mult, f"up{level}_res{i}")(h, temb, train)
+                # [h, skip] concatenated along channels, passed as its two parts (ResBlock).
+                h = res(self.channels * mult, f"up{level}_res{i}")((h, skips.pop()), temb, train)
                 if h.shape[1] in self.attention_resolutions:
                     h = attn(f"up{level}_attn{i}")(h, train)
             if level != 0:
