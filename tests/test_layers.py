@@ -172,6 +172,23 @@ def test_concat_conv_is_nn_conv_of_the_concatenation(dense):
         np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5)
 
 
+def test_concat_conv_in_bfloat16_accumulates_its_parts_in_float32():
+    """bfloat16 compute: the parts' products are summed in float32 and rounded once, to bfloat16.
+
+    The two parts nearly cancel (the same input, kernels k and -k + d/64), so a sum of two bfloat16-rounded
+    part results would be off by about 64 of the result's half-ulps; one rounding stays within one.
+    """
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 32)).astype(jnp.bfloat16)
+    k = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 32, 16)).astype(jnp.bfloat16)
+    d = jax.random.normal(jax.random.PRNGKey(2), (3, 3, 32, 16)).astype(jnp.bfloat16)
+    kernel = jnp.concatenate([k, (-k.astype(jnp.float32) + d / 64).astype(jnp.bfloat16)], axis=2)
+    params = {"params": {"kernel": kernel.astype(jnp.float32), "bias": jnp.zeros(16)}}
+    y = layers.ConcatConv(16, dtype=jnp.bfloat16).apply(params, (x, x))
+    assert y.dtype == jnp.bfloat16
+    exact = layers.ConcatConv(16).apply(params, (x.astype(jnp.float32),) * 2)  # float32 throughout
+    np.testing.assert_allclose(np.asarray(y, np.float32), exact, rtol=2**-7, atol=1e-3)
+
+
 @pytest.mark.parametrize("widths, channels", [((16, 8), 8), ((8, 8), 16)])
 def test_res_block_on_parts_is_the_block_on_their_concatenation(widths, channels):
     """The decoder passes [h, skip] as parts: the same parameters and output as concatenating first, with the

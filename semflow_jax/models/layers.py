@@ -185,16 +185,24 @@ class ConcatConv(nn.Module):
         kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
         dtype = self.dtype or jnp.result_type(*parts)
+        # Several parts accumulate in float32 and round once, as one product over the concatenation does;
+        # one part is exactly nn.Conv / nn.Dense (the result in dtype, then the bias).
+        acc = jnp.float32 if len(parts) > 1 else None
         out, start = None, 0
         for p in parts:
             k = kernel[..., start : start + p.shape[-1], :].astype(dtype)
             start += p.shape[-1]
             p = p.astype(dtype)
             if self.dense:
-                y = jnp.einsum("...c,cf->...f", p, k)
+                y = jnp.einsum("...c,cf->...f", p, k, preferred_element_type=acc)
             else:
                 y = jax.lax.conv_general_dilated(
-                    p, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+                    p,
+                    k,
+                    (1, 1),
+                    "SAME",
+                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                    preferred_element_type=acc,
                 )
             out = y if out is None else out + y
-        return out + bias.astype(dtype)
+        return (out + bias.astype(out.dtype)).astype(dtype)
