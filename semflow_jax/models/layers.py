@@ -185,8 +185,10 @@ class ConcatConv(nn.Module):
         kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
         dtype = self.dtype or jnp.result_type(*parts)
-        # Several parts accumulate in float32 and round once, as one product over the concatenation does;
-        # one part is exactly nn.Conv / nn.Dense (the result in dtype, then the bias).
+        # Several parts accumulate in float32 and round once, as one product over the concatenation does,
+        # and the bias gradient is summed in float32. The price, in bfloat16 only: jax's transpose of a
+        # float32-result convolution casts the weights to float32, so these backward products run in
+        # float32 (not measured on accelerators). One part is exactly nn.Conv / nn.Dense.
         acc = jnp.float32 if len(parts) > 1 else None
         out, start = None, 0
         for p in parts:
