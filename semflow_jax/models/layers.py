@@ -114,7 +114,7 @@ def group_norm(
     def group_mean(channel_sums):  # [N, C] per-channel sums -> each channel's group mean, [N, C]
         return jnp.repeat(channel_sums.reshape(n, num_groups, per).sum(-1) / count, per, axis=-1)
 
-    def channel_sums(fn):  # fn(part) summed over space, parts side by side: [N, C]
+    def channel_sums(fn):  # fn(part, index) summed over space, parts side by side: [N, C]
         return jnp.concatenate([jnp.sum(fn(p, i), axis=space) for i, p in enumerate(xf)], axis=-1)
 
     offsets = np.cumsum([0, *widths])
@@ -168,7 +168,7 @@ class ConcatConv(nn.Module):
     Computed as one convolution per part, with that part's rows of the kernel, summed: the concatenation
     is never written. In the UNet's decoder every ResBlock starts from [h, skip] concatenated; on XLA:CPU
     building that array costs more than the second convolution's overhead (benchmarks/README.md). One part
-    is exactly nn.Conv. kernel_size (1, 1) with dense=True is nn.Dense instead (kernel [C, F]).
+    is exactly nn.Conv. dense=True makes it nn.Dense instead (kernel [C, F]; kernel_size is not used).
     """
 
     features: int
