@@ -67,9 +67,9 @@ def _count(specs: list[dict]) -> list[tuple[dict, int]]:
     return [(first[k], n) for k, n in counts.items()]
 
 
-def conv_sites(model, params, z, t) -> list[tuple[dict, int]]:
-    """The distinct convolutions of JAX's forward pass and how often each occurs: [(spec, count)]."""
-    return _count([spec for spec, _ in conv_calls(model, params, z, t)])
+def conv_sites(calls: list[tuple[dict, str]]) -> list[tuple[dict, int]]:
+    """The distinct convolutions of a `conv_calls` list and how often each occurs: [(spec, count)]."""
+    return _count([spec for spec, _ in calls])
 
 
 def jax_convolution(spec: dict):
@@ -97,13 +97,13 @@ def jax_convolution(spec: dict):
     return lambda: fwd(x, w).block_until_ready(), lambda: jax.block_until_ready(fwd_bwd(x, w))
 
 
-def textbook_sites(model, params, z, t) -> list[tuple[dict, int]]:
-    """The twin's convolutions, one per Conv parameter, from JAX's calls grouped by module: an upsampling
-    step's four 2x2 ones (models/layers.py) become the one 3x3 SAME convolution at twice the resolution that
-    the twin runs after F.interpolate; a decoder block's one convolution per part of [h, skip]
-    (`ConcatConv`) becomes one over the concatenation; the others stay as they are."""
+def textbook_sites(calls: list[tuple[dict, str]]) -> list[tuple[dict, int]]:
+    """The twin's convolutions, one per Conv parameter, from JAX's `conv_calls` grouped by module: an
+    upsampling step's four 2x2 ones (models/layers.py) become the one 3x3 SAME convolution at twice the
+    resolution that the twin runs after F.interpolate; a decoder block's one convolution per part of
+    [h, skip] (`ConcatConv`) becomes one over the concatenation; the others stay as they are."""
     modules: dict[str, list[dict]] = {}
-    for spec, module in conv_calls(model, params, z, t):
+    for spec, module in calls:
         modules.setdefault(module, []).append(spec)
     out = []
     for specs in modules.values():
@@ -147,8 +147,8 @@ def attribute(size: str, repeats: int) -> dict:
     jax_side.sync_sample_params()
     b = jax_side.batch_size
     z = jnp.zeros((b, *jax_side.z.shape[1:]), jnp.float32)
-    traced = (jax_side.model, jax_side.state["params"], z, jnp.full((b,), 0.5))
-    jax_sites, twin_sites = conv_sites(*traced), textbook_sites(*traced)
+    calls = conv_calls(jax_side.model, jax_side.state["params"], z, jnp.full((b,), 0.5))
+    jax_sites, twin_sites = conv_sites(calls), textbook_sites(calls)
 
     def key(spec):
         return json.dumps({k: spec[k] for k in ("lhs", "rhs", "strides", "padding")})

@@ -4,9 +4,11 @@ For each layer the package writes in a form of its own (semflow_jax/models/layer
 times the textbook version and ours on the shapes of the mid-size model (`configs/shapes.py:mid`, batch 16)
 and of `shapes` (batch 64), forward and forward + backward, jitted, in alternating windows, and checks both
 give the same values first:
-- nearest x2 upsampling + 3x3 convolution (jnp.repeat, then nn.Conv) vs four 2x2 convolutions at low resolution;
+- nearest x2 upsampling + 3x3 convolution (jnp.repeat, then nn.Conv) vs four 2x2 convolutions at low
+  resolution;
 - GroupNorm -> SiLU -> 3x3 convolution with flax's nn.GroupNorm vs `layers.GroupNorm(silu=True)`;
-- the decoder's ResBlock on [h, skip]: concatenated first (jnp.concatenate) vs read part by part (`ConcatConv`);
+- the decoder's ResBlock on [h, skip]: concatenated first (jnp.concatenate) vs read part by part
+  (`ConcatConv`);
 - flax's default attention vs jax.nn.dot_product_attention inside nn.MultiHeadDotProductAttention.
 Writes benchmarks/results/layers.json and prints a Markdown table (medians, ms; ratio = textbook / ours).
 """
@@ -101,11 +103,10 @@ def measure(repeats: int, batch: int | None = None) -> list[dict]:
 
     rows = []
     for name, shape, textbook, ours in cases():
-        shapes = shape if isinstance(shape[0], tuple) else (shape,)
-        shapes = [s if batch is None else (batch, *s[1:]) for s in shapes]
+        several = isinstance(shape[0], tuple)  # an input of several arrays, passed as one tuple
+        shapes = [s if batch is None else (batch, *s[1:]) for s in (shape if several else (shape,))]
         xs = tuple(jax.random.normal(jax.random.PRNGKey(i), s) * 2 + 0.5 for i, s in enumerate(shapes))
-        x = xs if isinstance(shape[0], tuple) else xs[0]
-        shape = [list(s) for s in shapes] if isinstance(shape[0], tuple) else list(shapes[0])
+        x, shape = (xs, [list(s) for s in shapes]) if several else (xs[0], list(shapes[0]))
         params = textbook.init(jax.random.PRNGKey(1), x)
         fns = {}
         for key, m in (("textbook", textbook), ("ours", ours)):

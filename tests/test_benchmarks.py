@@ -286,7 +286,8 @@ def test_attribution_finds_every_convolution_of_the_unet():
     model = build_model(config)
     z, t = jnp.zeros((2, 16, 16, 3)), jnp.full((2,), 0.5)
     params = model.init(jax.random.PRNGKey(0), z, t)["params"]
-    sites = attribution.conv_sites(model, params, z, t)
+    calls = attribution.conv_calls(model, params, z, t)
+    sites = attribution.conv_sites(calls)
     kernels = sorted(x.shape for x in jax.tree.leaves(params) if x.ndim == 4)
     # Every Conv's HWIO kernel once, but: an upsampling one ("up<level>") runs as four 2x2 convolutions, a
     # decoder block's first one ("up<level>_res<i>/conv1") as one per part of [h, skip] (models/layers.py).
@@ -297,7 +298,7 @@ def test_attribution_finds_every_convolution_of_the_unet():
     assert sum(n for s, n in sites if s["rhs"][:2] == (2, 2)) == 4 * len(upsampling)
     assert all(s["lhs"][0] == 2 for s, _ in sites)  # the batch the pass was traced with
     # The twin's list: one convolution per Conv parameter, the upsampling ones at twice their input's size.
-    twin = attribution.textbook_sites(model, params, z, t)
+    twin = attribution.textbook_sites(calls)
     assert sorted(s["rhs"] for s, n in twin for _ in range(n)) == kernels
     assert all(s["lhs"][3] == s["rhs"][2] for s, _ in twin)
     ups = [
