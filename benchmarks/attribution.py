@@ -101,7 +101,7 @@ def textbook_sites(calls: list[tuple[dict, str]]) -> list[tuple[dict, int]]:
     """The twin's convolutions, one per Conv parameter, from JAX's `conv_calls` grouped by module: an
     upsampling step's four 2x2 ones (models/layers.py) become the one 3x3 SAME convolution at twice the
     resolution that the twin runs after F.interpolate; a decoder block's one convolution per part of
-    [h, skip] (`ConcatConv`) becomes one over the concatenation; the others stay as they are."""
+    [h, skip] (`layers.Conv` of parts) becomes one over the concatenation; the others stay as they are."""
     modules: dict[str, list[dict]] = {}
     for spec, module in calls:
         modules.setdefault(module, []).append(spec)

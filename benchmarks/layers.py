@@ -8,8 +8,8 @@ give the same values first:
   resolution;
 - GroupNorm -> SiLU -> 3x3 convolution with flax's nn.GroupNorm vs `layers.GroupNorm(silu=True)`;
 - the decoder's ResBlock on [h, skip]: concatenated first (jnp.concatenate) vs read part by part
-  (`ConcatConv`);
-- flax's default attention vs jax.nn.dot_product_attention inside nn.MultiHeadDotProductAttention.
+  (`layers.Conv` / `layers.Dense` of parts);
+- flax's nn.MultiHeadDotProductAttention vs the UNet's (`unet.SelfAttention` with jax.nn.dot_product_attention).
 Writes benchmarks/results/layers.json and prints a Markdown table (medians, ms; ratio = textbook / ours).
 """
 
@@ -70,9 +70,10 @@ def cases():
             block = unet.ResBlock(self.features, 8, name="block")
             return block(parts if self.ours else jnp.concatenate(parts, axis=-1), temb)
 
-    def attention(ours):
-        fn = unet.dot_product_attention if ours else nn.dot_product_attention
-        return nn.MultiHeadDotProductAttention(num_heads=2, attention_fn=fn)
+    def attention(ours):  # the same parameters: flax's module, and the UNet's with jax.nn's lowering
+        if ours:
+            return unet.SelfAttention(2, attention_fn=unet.dot_product_attention)
+        return nn.MultiHeadDotProductAttention(num_heads=2)
 
     return [
         ("upsample + 3x3 conv", (16, 32, 32, 128), Upsample(False, 128), Upsample(True, 128)),

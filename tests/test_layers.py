@@ -141,12 +141,13 @@ def test_group_norm_of_parts_is_group_norm_of_their_concatenation(fast, silu):
 
 
 @pytest.mark.parametrize("dense", [False, True])
-def test_concat_conv_is_nn_conv_of_the_concatenation(dense):
-    """ConcatConv: nn.Conv's (or nn.Dense's) parameters and initial values, its output and gradients."""
+def test_conv_and_dense_of_parts_are_flax_layers_of_the_concatenation(dense):
+    """layers.Conv / Dense of channel parts: nn.Conv's (nn.Dense's) parameters and initial values, and the
+    output and gradients of the flax layer on the concatenation."""
     a = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 5, 3))
     b = jax.random.normal(jax.random.PRNGKey(1), (2, 6, 5, 4))
     ref = nn.Dense(8) if dense else nn.Conv(8, (3, 3))
-    ours = layers.ConcatConv(8, dense=dense)
+    ours = layers.Dense(8) if dense else layers.Conv(8, (3, 3))
     params = ref.init(jax.random.PRNGKey(2), jnp.concatenate([a, b], -1))
     mine = ours.init(jax.random.PRNGKey(2), (a, b))
     assert jax.tree.map(jnp.shape, mine) == jax.tree.map(jnp.shape, params)
@@ -172,7 +173,86 @@ def test_concat_conv_is_nn_conv_of_the_concatenation(dense):
         np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5)
 
 
-def test_concat_conv_in_bfloat16_accumulates_its_parts_in_float32():
+_FLAX_TWINS = {
+    "conv 3x3": (lambda: nn.Conv(6, (3, 3)), lambda: layers.Conv(6, (3, 3)), (2, 7, 6, 5)),
+    "conv stride 2": (
+        lambda: nn.Conv(6, (3, 3), (2, 2)),
+        lambda: layers.Conv(6, (3, 3), (2, 2)),
+        (2, 7, 6, 5),
+    ),
+    "conv padding 1": (
+        lambda: nn.Conv(6, (3, 3), (2, 2), padding=1),
+        lambda: layers.Conv(6, (3, 3), (2, 2), padding=1),
+        (2, 8, 6, 5),
+    ),
+    "conv padding pairs": (
+        lambda: nn.Conv(6, (3, 3), padding=((0, 1), (1, 2))),
+        lambda: layers.Conv(6, (3, 3), padding=((0, 1), (1, 2))),
+        (2, 8, 6, 5),
+    ),
+    "conv 1x1 no bias": (
+        lambda: nn.Conv(6, (1, 1), use_bias=False),
+        lambda: layers.Conv(6, (1, 1), use_bias=False),
+        (2, 4, 4, 5),
+    ),
+    "dense": (lambda: nn.Dense(6), lambda: layers.Dense(6), (3, 4, 5)),
+    "dense to heads": (
+        lambda: nn.DenseGeneral((2, 3)),
+        lambda: layers.Dense((2, 3)),
+        (3, 4, 5),
+    ),
+    "dense from heads": (
+        lambda: nn.DenseGeneral(6, axis=(-2, -1)),
+        lambda: layers.Dense(6, axes=2),
+        (3, 4, 2, 5),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_FLAX_TWINS))
+def test_conv_and_dense_are_the_flax_layers(case):
+    """Parameters, initial values (kernel_init on the flattened kernel, as DenseGeneral), output, gradients."""
+    make_ref, make_ours, shape = _FLAX_TWINS[case]
+    ref, ours = make_ref(), make_ours()
+    x = jax.random.normal(jax.random.PRNGKey(0), shape)
+    params = ref.init(jax.random.PRNGKey(1), x)
+    mine = ours.init(jax.random.PRNGKey(1), x)
+    assert jax.tree.map(jnp.shape, mine) == jax.tree.map(jnp.shape, params)
+    for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
+    np.testing.assert_array_equal(ours.apply(params, x), ref.apply(params, x))  # float32: the same ops
+    g = [jax.grad(lambda p, m=m: jnp.sum(jnp.sin(m.apply(p, x))))(params) for m in (ours, ref)]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), *g)
+
+
+def test_conv_in_bfloat16_sums_its_bias_gradient_in_float32():
+    """bfloat16 compute: the bias is added in float32 and rounded once, so its gradient (a sum over every
+    example and position, here 2 * 64 * 64 = 8192 terms) is the float32 sum of the cotangent, rounded once.
+    Added and summed in bfloat16, as flax's nn.Conv does, the sum drifts by percents; the kernel gradient
+    and the output stay what the bfloat16 product gives."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 64, 64, 8))
+    ct = (1.0 + jax.random.normal(jax.random.PRNGKey(1), (2, 64, 64, 4))).astype(jnp.bfloat16)
+    ours = layers.Conv(4, (3, 3), dtype=jnp.bfloat16)
+    params = ours.init(jax.random.PRNGKey(2), x)
+    params = jax.tree.map(lambda p: p + 0.3, params)
+
+    def loss(p, m):
+        y = m.apply(p, x)
+        assert y.dtype == jnp.bfloat16
+        return jnp.sum(y.astype(jnp.float32) * ct.astype(jnp.float32))
+
+    g = jax.grad(loss)(params, ours)["params"]
+    exact = jnp.sum(ct.astype(jnp.float32), axis=(0, 1, 2))  # d(loss)/d(bias), summed in float32
+    np.testing.assert_allclose(g["bias"], exact, rtol=2**-8)
+    g_flax = jax.grad(loss)(params, nn.Conv(4, (3, 3), dtype=jnp.bfloat16))["params"]
+    np.testing.assert_array_equal(g["kernel"], g_flax["kernel"])  # the same bfloat16 products
+    y = ours.apply(params, x).astype(jnp.float32)
+    want = nn.Conv(4, (3, 3)).apply(params, x)
+    np.testing.assert_allclose(y, want, rtol=2**-6, atol=0.05 * float(jnp.max(jnp.abs(want))))
+
+
+def test_conv_of_parts_in_bfloat16_accumulates_them_in_float32():
     """bfloat16 compute: the parts' products are summed in float32 and rounded once, to bfloat16.
 
     The two parts nearly cancel (the same input, kernels k and -k + d/64), so a sum of two bfloat16-rounded
@@ -183,10 +263,19 @@ def test_concat_conv_in_bfloat16_accumulates_its_parts_in_float32():
     d = jax.random.normal(jax.random.PRNGKey(2), (3, 3, 32, 16)).astype(jnp.bfloat16)
     kernel = jnp.concatenate([k, (-k.astype(jnp.float32) + d / 64).astype(jnp.bfloat16)], axis=2)
     params = {"params": {"kernel": kernel.astype(jnp.float32), "bias": jnp.zeros(16)}}
-    y = layers.ConcatConv(16, dtype=jnp.bfloat16).apply(params, (x, x))
+    y = layers.Conv(16, dtype=jnp.bfloat16).apply(params, (x, x))
     assert y.dtype == jnp.bfloat16
-    exact = layers.ConcatConv(16).apply(params, (x.astype(jnp.float32),) * 2)  # float32 throughout
+    exact = layers.Conv(16).apply(params, (x.astype(jnp.float32),) * 2)  # float32 throughout
     np.testing.assert_allclose(np.asarray(y, np.float32), exact, rtol=2**-7, atol=1e-3)
+
+
+def test_add_bias_is_the_plain_sum_in_float32_and_rounds_once_in_bfloat16():
+    y = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 7))
+    b = jax.random.normal(jax.random.PRNGKey(1), (7,))
+    np.testing.assert_array_equal(layers.add_bias(y, b), y + b)
+    got = layers.add_bias(y.astype(jnp.bfloat16), b)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(got, (y.astype(jnp.bfloat16).astype(jnp.float32) + b).astype(jnp.bfloat16))
 
 
 @pytest.mark.parametrize("widths, channels", [((16, 8), 8), ((8, 8), 16)])
@@ -209,10 +298,19 @@ def test_res_block_on_parts_is_the_block_on_their_concatenation(widths, channels
     )
 
 
-def test_unet_attention_matches_flax_default():
-    """The UNet's attention_fn (jax.nn.dot_product_attention) gives flax's default attention."""
+@pytest.mark.parametrize("fast", [False, True])
+def test_unet_attention_is_flax_multi_head_attention(fast):
+    """unet.SelfAttention has nn.MultiHeadDotProductAttention's parameters and initial values and gives its
+    output and gradients, with flax's attention_fn and with jax.nn.dot_product_attention (sampling's)."""
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 8))
     ref = nn.MultiHeadDotProductAttention(num_heads=2)
-    ours = nn.MultiHeadDotProductAttention(num_heads=2, attention_fn=unet.dot_product_attention)
+    fn = unet.dot_product_attention if fast else nn.dot_product_attention
+    ours = unet.SelfAttention(2, attention_fn=fn)
     params = ref.init(jax.random.PRNGKey(1), x)
+    mine = ours.init(jax.random.PRNGKey(1), x)
+    assert jax.tree.map(jnp.shape, mine) == jax.tree.map(jnp.shape, params)
+    jax.tree.map(np.testing.assert_array_equal, mine, params)
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
     np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5)
+    g = [jax.grad(lambda p, m=m: jnp.sum(jnp.sin(m.apply(p, x))))(params) for m in (ours, ref)]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *g)

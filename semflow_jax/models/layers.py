@@ -12,9 +12,11 @@ forward and 2.0-2.3x faster forward + backward than repeat-then-convolve (benchm
 with silu=True it also applies the SiLU that follows every GroupNorm in both UNets, written without scalar
 constants: XLA:CPU hands each scalar constant a YNN fusion reads to it as a materialized full-size array.
 
-`ConcatConv` is nn.Conv (or nn.Dense) of a channel concatenation given as its parts, one product per part,
-summed; with `GroupNorm` of parts it lets the decoder's ResBlocks read [h, skip] without ever writing the
-concatenated array (on a 2-core CPU the mid model's 25-step sampler and train step about 2% faster).
+`Conv` and `Dense` are nn.Conv and nn.Dense (or nn.DenseGeneral) with their parameters, adding the bias in
+float32 where the compute dtype is bfloat16 (`add_bias`: the bias gradient is then a float32 sum). Given a
+channel concatenation as its parts, they compute one product per part, summed; with `GroupNorm` of parts
+this lets the decoder's ResBlocks read [h, skip] without ever writing the concatenated array (on a 2-core
+CPU the mid model's 25-step sampler and train step about 2% faster).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def upsample_conv(x, kernel, bias=None):
         ]
         rows.append(jnp.stack(cols, axis=3))  # [N, H, W, 2 (column parity), F]
     y = jnp.stack(rows, axis=2).reshape(n, 2 * h, 2 * w, kernel.shape[-1])  # [N, H, 2, W, 2, F] interleaved
-    return y if bias is None else y + bias.astype(y.dtype)
+    return y if bias is None else add_bias(y, bias)
 
 
 class UpsampleConv(nn.Module):
@@ -162,49 +164,128 @@ class GroupNorm(nn.Module):
         )
 
 
-class ConcatConv(nn.Module):
-    """nn.Conv (stride 1, SAME padding) of the channel concatenation of `parts`, with nn.Conv's parameters.
+def add_bias(y, bias):
+    """y + bias, bias broadcast against y (a layer's bias, a per-example time embedding), in y's dtype.
 
-    Computed as one convolution per part, with that part's rows of the kernel, summed: the concatenation
+    Where y is in a low-precision compute dtype (bfloat16) the sum is taken in float32 and rounded once, so
+    the gradient of the broadcast bias, a sum over every position (and example), accumulates in float32.
+    flax's layers add the bias and sum its gradient in the compute dtype: on XLA:CPU the mid UNet's bias
+    gradients then came out up to 16% off their float32 values (median 0.8%), against 3% for kernels; with
+    this, at most 2.5% (median 0.2%). In float32 it is exactly y + bias."""
+    if jnp.finfo(y.dtype).bits >= 32:
+        return y + bias.astype(y.dtype)
+    return (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(y.dtype)
+
+
+def _parts(x) -> tuple:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _flat_init(init, n_in: int):
+    """nn.DenseGeneral's kernel initialization: `init` on the kernel flattened to [inputs, outputs], reshaped."""
+
+    def wrapped(rng, shape, dtype=jnp.float32):
+        flat = (math.prod(shape[:n_in]), math.prod(shape[n_in:]))
+        return jnp.reshape(init(rng, flat, dtype), shape)
+
+    return wrapped
+
+
+def _padding(padding):
+    """nn.Conv's padding argument ("SAME", "VALID", an int, or (low, high) pairs) as lax takes it."""
+    if isinstance(padding, str):
+        return padding
+    if isinstance(padding, int):
+        return ((padding, padding),) * 2
+    return tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
+
+
+class Conv(nn.Module):
+    """nn.Conv (NHWC, 2-D) with its parameters ("kernel" [kh, kw, C, F], "bias" [F]) and initial values, the
+    bias added as `add_bias` does (in float32 where computing in bfloat16).
+
+    x may also be a tuple of channel parts: the result is then the convolution of their concatenation,
+    computed as one convolution per part with that part's rows of the kernel, summed, so the concatenation
     is never written. In the UNet's decoder every ResBlock starts from [h, skip] concatenated; on XLA:CPU
-    building that array costs more than the second convolution's overhead (benchmarks/README.md). One part
-    is exactly nn.Conv. dense=True makes it nn.Dense instead (kernel [C, F]; kernel_size is not used).
+    building that array costs more than the second convolution's overhead (benchmarks/README.md).
     """
 
     features: int
     kernel_size: tuple = (3, 3)
-    dense: bool = False
+    strides: tuple = (1, 1)
+    padding: Any = "SAME"
+    use_bias: bool = True
     dtype: Any = None
     kernel_init: Any = nn.initializers.lecun_normal()
 
     @nn.compact
-    def __call__(self, parts):
-        parts = tuple(parts) if isinstance(parts, (tuple, list)) else (parts,)
+    def __call__(self, x):
+        parts = _parts(x)
         c = sum(p.shape[-1] for p in parts)
-        shape = (c, self.features) if self.dense else (*self.kernel_size, c, self.features)
-        kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
-        dtype = self.dtype or jnp.result_type(*parts)
-        # Several parts accumulate in float32 and round once, as one product over the concatenation does,
-        # and the bias gradient is summed in float32. The price, in bfloat16 only: jax's transpose of a
-        # float32-result convolution casts the weights to float32, so these backward products run in
-        # float32 (not measured on accelerators). One part is exactly nn.Conv / nn.Dense.
-        acc = jnp.float32 if len(parts) > 1 else None
-        out, start = None, 0
-        for p in parts:
-            k = kernel[..., start : start + p.shape[-1], :].astype(dtype)
-            start += p.shape[-1]
-            p = p.astype(dtype)
-            if self.dense:
-                y = jnp.einsum("...c,cf->...f", p, k, preferred_element_type=acc)
-            else:
-                y = jax.lax.conv_general_dilated(
-                    p,
-                    k,
-                    (1, 1),
-                    "SAME",
-                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                    preferred_element_type=acc,
-                )
-            out = y if out is None else out + y
-        return (out + bias.astype(out.dtype)).astype(dtype)
+        kernel = self.param("kernel", self.kernel_init, (*self.kernel_size, c, self.features), jnp.float32)
+
+        def product(p, k, acc):
+            return jax.lax.conv_general_dilated(
+                p,
+                k,
+                tuple(self.strides),
+                _padding(self.padding),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                preferred_element_type=acc,
+            )
+
+        return _sum_of_parts(self, parts, kernel, product)
+
+
+class Dense(nn.Module):
+    """nn.Dense, or nn.DenseGeneral over x's last `axes` axes with features a tuple, with their parameters and
+    initial values, the bias added as `add_bias` does. x may be a tuple of channel parts (axes=1), as in
+    `Conv`: the UNet decoder's 1x1 skip projection of [h, skip]."""
+
+    features: Any  # int, or a tuple: the kernel's trailing axes and the output's
+    axes: int = 1
+    use_bias: bool = True
+    dtype: Any = None
+    kernel_init: Any = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x):
+        parts = _parts(x)
+        if len(parts) > 1 and self.axes != 1:
+            raise ValueError("Dense of channel parts contracts the last axis only (axes=1)")
+        features = tuple(self.features) if isinstance(self.features, (tuple, list)) else (self.features,)
+        inputs = (*parts[0].shape[len(parts[0].shape) - self.axes : -1], sum(p.shape[-1] for p in parts))
+        kernel = self.param(
+            "kernel", _flat_init(self.kernel_init, self.axes), (*inputs, *features), jnp.float32
+        )
+        n = self.axes
+
+        def product(p, k, acc):  # x's last n axes against the kernel's first n, as nn.DenseGeneral
+            dims = (tuple(range(p.ndim - n, p.ndim)), tuple(range(n))), ((), ())
+            return jax.lax.dot_general(p, k, dims, preferred_element_type=acc)
+
+        return _sum_of_parts(self, parts, kernel, product, in_axis=n - 1, bias_shape=features)
+
+
+def _sum_of_parts(module, parts, kernel, product, in_axis=-2, bias_shape=None):
+    """Σ_i product(part_i, the kernel's rows for part i) (+ bias), in the module's dtype: the shared body of
+    Conv and Dense. The kernel's `in_axis` holds the input channels; the bias has shape bias_shape (default:
+    the kernel's last axis), the output's trailing axes."""
+    bias = None
+    if module.use_bias:
+        shape = (kernel.shape[-1],) if bias_shape is None else tuple(bias_shape)
+        bias = module.param("bias", nn.initializers.zeros_init(), shape, jnp.float32)
+    dtype = module.dtype or jnp.result_type(*parts)
+    # Several parts accumulate in float32 and round once, as one product over the concatenation does. The
+    # price, in bfloat16 only: jax's transpose of a float32-result product casts the weights to float32, so
+    # these backward products run in float32 (not measured on accelerators). One part is the plain product.
+    acc = jnp.float32 if len(parts) > 1 else None
+    out, start = None, 0
+    for p in parts:
+        k = jax.lax.slice_in_dim(kernel, start, start + p.shape[-1], axis=in_axis % kernel.ndim).astype(dtype)
+        start += p.shape[-1]
+        y = product(p.astype(dtype), k, acc)
+        out = y if out is None else out + y
+    if bias is not None:
+        out = add_bias(out, bias)
+    return out.astype(dtype)

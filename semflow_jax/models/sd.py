@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from semflow_jax.models.layers import Conv, Dense
 from semflow_jax.models.sd_blocks import (
     Downsample,
     ResnetBlock,
@@ -121,8 +122,8 @@ class SDUNet(nn.Module):
     def __call__(self, z, t, context):
         ch0 = self.block_out_channels[0]
         temb = timestep_embedding(t, ch0, self.flip_sin_to_cos, self.freq_shift)
-        temb = nn.Dense(4 * ch0, dtype=self.dtype, name="time_embedding_linear_1")(temb)
-        temb = nn.Dense(4 * ch0, dtype=self.dtype, name="time_embedding_linear_2")(nn.silu(temb))
+        temb = Dense(4 * ch0, dtype=self.dtype, name="time_embedding_linear_1")(temb)
+        temb = Dense(4 * ch0, dtype=self.dtype, name="time_embedding_linear_2")(nn.silu(temb))
         context = context.astype(self.dtype)
 
         h = conv(ch0, 3, self.dtype, "conv_in")(z.astype(self.dtype))
@@ -238,8 +239,8 @@ class SDVAE(nn.Module):
         args = (self.block_out_channels, self.layers_per_block)
         self.encoder = _Encoder(*args, self.latent_channels, self.norm_num_groups, self.dtype)
         self.decoder = _Decoder(*args, self.out_channels, self.norm_num_groups, self.dtype)
-        self.quant_conv = nn.Conv(2 * self.latent_channels, (1, 1), dtype=self.dtype)
-        self.post_quant_conv = nn.Conv(self.latent_channels, (1, 1), dtype=self.dtype)
+        self.quant_conv = Conv(2 * self.latent_channels, (1, 1), dtype=self.dtype)
+        self.post_quant_conv = Conv(self.latent_channels, (1, 1), dtype=self.dtype)
 
     def encode(self, x):
         """(mean, logvar) of the diagonal Gaussian posterior; logvar clipped to [-30, 20] as in diffusers."""

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from semflow_jax.models.layers import GroupNorm, UpsampleConv
+from semflow_jax.models.layers import Conv, Dense, GroupNorm, UpsampleConv, add_bias
 
 
 def group_norm(groups: int, eps: float, dtype, name: str, silu: bool = False) -> GroupNorm:
@@ -23,10 +23,10 @@ def group_norm(groups: int, eps: float, dtype, name: str, silu: bool = False) ->
     return GroupNorm(groups, epsilon=eps, dtype=dtype, use_fast_variance=False, silu=silu, name=name)
 
 
-def conv(features: int, kernel: int, dtype, name: str, stride: int = 1, padding=None) -> nn.Conv:
+def conv(features: int, kernel: int, dtype, name: str, stride: int = 1, padding=None) -> Conv:
     """A 2-D convolution with torch's default symmetric padding of kernel // 2."""
     pad = kernel // 2 if padding is None else padding
-    return nn.Conv(features, (kernel, kernel), (stride, stride), padding=pad, dtype=dtype, name=name)
+    return Conv(features, (kernel, kernel), (stride, stride), padding=pad, dtype=dtype, name=name)
 
 
 class ResnetBlock(nn.Module):
@@ -42,8 +42,8 @@ class ResnetBlock(nn.Module):
         h = group_norm(self.groups, self.eps, self.dtype, "norm1", silu=True)(x)
         h = conv(self.out_channels, 3, self.dtype, "conv1")(h)
         if temb is not None:
-            t = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
-            h = h + t[:, None, None, :]
+            t = Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
+            h = add_bias(h, t[:, None, None, :])
         h = group_norm(self.groups, self.eps, self.dtype, "norm2", silu=True)(h)
         h = conv(self.out_channels, 3, self.dtype, "conv2")(h)
         if x.shape[-1] != self.out_channels:
@@ -93,7 +93,7 @@ class Attention(nn.Module):
         inner = self.heads * self.head_dim
 
         def dense(name, bias):
-            return nn.Dense(inner, use_bias=bias, dtype=self.dtype, name=name)
+            return Dense(inner, use_bias=bias, dtype=self.dtype, name=name)
 
         q, k, v = (
             dense("to_q", self.qkv_bias)(x),
@@ -103,7 +103,7 @@ class Attention(nn.Module):
         b = x.shape[0]
         q, k, v = (y.reshape(b, -1, self.heads, self.head_dim) for y in (q, k, v))
         out = attend(q, k, v, self.query_chunk).reshape(b, -1, inner)
-        return nn.Dense(self.out_dim, dtype=self.dtype, name="to_out_0")(out)
+        return Dense(self.out_dim, dtype=self.dtype, name="to_out_0")(out)
 
 
 class SpatialSelfAttention(nn.Module):
@@ -117,10 +117,10 @@ class SpatialSelfAttention(nn.Module):
     def __call__(self, x):
         b, h, w, c = x.shape
         y = group_norm(self.groups, self.eps, self.dtype, "group_norm")(x).reshape(b, h * w, c)
-        q, k, v = (nn.Dense(c, dtype=self.dtype, name=n)(y) for n in ("to_q", "to_k", "to_v"))
+        q, k, v = (Dense(c, dtype=self.dtype, name=n)(y) for n in ("to_q", "to_k", "to_v"))
         logits = jnp.einsum("bqc,bkc->bqk", q, k).astype(jnp.float32) / math.sqrt(c)
         y = jnp.einsum("bqk,bkc->bqc", jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)
-        y = nn.Dense(c, dtype=self.dtype, name="to_out_0")(y)
+        y = Dense(c, dtype=self.dtype, name="to_out_0")(y)
         return x + y.reshape(b, h, w, c)
 
 
@@ -132,7 +132,7 @@ class GEGLU(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        value, gate = jnp.split(nn.Dense(2 * self.inner, dtype=self.dtype, name="proj")(x), 2, axis=-1)
+        value, gate = jnp.split(Dense(2 * self.inner, dtype=self.dtype, name="proj")(x), 2, axis=-1)
         return value * nn.gelu(gate, approximate=False)
 
 
@@ -146,7 +146,7 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = GEGLU(self.dim * self.mult, self.dtype, name="net_0")(x)
-        return nn.Dense(self.dim, dtype=self.dtype, name="net_2")(x)
+        return Dense(self.dim, dtype=self.dtype, name="net_2")(x)
 
 
 class TransformerBlock(nn.Module):
@@ -189,14 +189,14 @@ class Transformer2D(nn.Module):
         inner = self.heads * self.head_dim
         y = group_norm(self.groups, 1e-6, self.dtype, "norm")(x)
         if self.linear_projection:
-            y = nn.Dense(inner, dtype=self.dtype, name="proj_in")(y.reshape(b, h * w, c))
+            y = Dense(inner, dtype=self.dtype, name="proj_in")(y.reshape(b, h * w, c))
         else:
             y = conv(inner, 1, self.dtype, "proj_in")(y).reshape(b, h * w, inner)
         y = TransformerBlock(
             inner, self.heads, self.head_dim, self.dtype, self.query_chunk, name="transformer_blocks_0"
         )(y, context)
         if self.linear_projection:
-            y = nn.Dense(c, dtype=self.dtype, name="proj_out")(y).reshape(b, h, w, c)
+            y = Dense(c, dtype=self.dtype, name="proj_out")(y).reshape(b, h, w, c)
         else:
             y = conv(c, 1, self.dtype, "proj_out")(y.reshape(b, h, w, inner))
         return x + y

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from semflow_jax.models.layers import ConcatConv, GroupNorm, UpsampleConv
+from semflow_jax.models.layers import Conv, Dense, GroupNorm, UpsampleConv, add_bias
 
 
 def timestep_embedding(t, dim: int, max_period: float = 10000.0):
@@ -48,17 +48,15 @@ class ResBlock(nn.Module):
     def __call__(self, x, temb, train: bool = False):
         parts = tuple(x) if isinstance(x, (tuple, list)) else (x,)
         h = GroupNorm(self.num_groups, dtype=self.dtype, silu=True, name="norm1")(parts)
-        h = ConcatConv(self.channels, (3, 3), dtype=self.dtype, name="conv1")(h)
-        h = h + nn.Dense(self.channels, dtype=self.dtype, name="time")(nn.silu(temb))[:, None, None, :]
+        h = Conv(self.channels, (3, 3), dtype=self.dtype, name="conv1")(h)
+        h = add_bias(h, Dense(self.channels, dtype=self.dtype, name="time")(nn.silu(temb))[:, None, None, :])
         h = GroupNorm(self.num_groups, dtype=self.dtype, silu=True, name="norm2")(h)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         # Zero-initialised last convolution: every block starts as the identity, which keeps a deep
         # UNet trainable from step 0 without tuning the learning rate to its depth.
-        h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, kernel_init=nn.initializers.zeros, name="conv2")(
-            h
-        )
+        h = Conv(self.channels, (3, 3), dtype=self.dtype, kernel_init=nn.initializers.zeros, name="conv2")(h)
         if sum(p.shape[-1] for p in parts) != self.channels:
-            x = ConcatConv(self.channels, dense=True, dtype=self.dtype, name="skip")(parts)
+            x = Dense(self.channels, dtype=self.dtype, name="skip")(parts)
         elif len(parts) > 1:
             x = jnp.concatenate(parts, axis=-1)
         return x + h
@@ -76,6 +74,25 @@ def dot_product_attention(query, key, value, bias=None, mask=None, **unused):
     return jax.nn.dot_product_attention(query * scale, key, value, bias=bias, mask=mask, scale=1.0)
 
 
+class SelfAttention(nn.Module):
+    """nn.MultiHeadDotProductAttention over x [N, T, C] (self-attention, no mask, no dropout): its parameters
+    ("query", "key", "value": [C, heads, C / heads]; "out": [heads, C / heads, C]) and result, its projections
+    being `layers.Dense`, which adds the biases in float32 under bfloat16 compute."""
+
+    num_heads: int
+    dtype: Any = jnp.float32
+    attention_fn: Any = nn.dot_product_attention
+    out_kernel_init: Any = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        heads = (self.num_heads, c // self.num_heads)
+        q, k, v = (Dense(heads, dtype=self.dtype, name=n)(x) for n in ("query", "key", "value"))
+        y = self.attention_fn(q, k, v, dtype=self.dtype)
+        return Dense(c, axes=2, dtype=self.dtype, kernel_init=self.out_kernel_init, name="out")(y)
+
+
 class AttentionBlock(nn.Module):
     """Multi-head self-attention over all positions of a feature map, pre-norm, residual."""
 
@@ -87,12 +104,12 @@ class AttentionBlock(nn.Module):
     def __call__(self, x, train: bool = False):
         n, h, w, c = x.shape
         y = GroupNorm(self.num_groups, dtype=self.dtype, name="norm")(x).reshape(n, h * w, c)
-        y = nn.MultiHeadDotProductAttention(
-            num_heads=self.num_heads,
+        y = SelfAttention(
+            self.num_heads,
             dtype=self.dtype,
-            out_kernel_init=nn.initializers.zeros,
             # Sampling runs jax.nn's lowering (faster forward); training flax's (faster backward).
             attention_fn=nn.dot_product_attention if train else dot_product_attention,
+            out_kernel_init=nn.initializers.zeros,
             name="attention",
         )(y)
         return x + y.reshape(n, h, w, c)
@@ -115,8 +132,8 @@ class UNet(nn.Module):
     def __call__(self, z, t, train: bool = False):
         temb_dim = 4 * self.channels
         temb = timestep_embedding(t, self.channels)
-        temb = nn.Dense(temb_dim, dtype=self.dtype, name="time_in")(temb)
-        temb = nn.Dense(temb_dim, dtype=self.dtype, name="time_out")(nn.silu(temb))
+        temb = Dense(temb_dim, dtype=self.dtype, name="time_in")(temb)
+        temb = Dense(temb_dim, dtype=self.dtype, name="time_out")(nn.silu(temb))
 
         def res(ch, name):
             return ResBlock(ch, self.num_groups, self.dropout, self.dtype, name=name)
@@ -124,7 +141,7 @@ class UNet(nn.Module):
         def attn(name):
             return AttentionBlock(self.num_heads, self.num_groups, self.dtype, name=name)
 
-        h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="stem")(z.astype(self.dtype))
+        h = Conv(self.channels, (3, 3), dtype=self.dtype, name="stem")(z.astype(self.dtype))
         skips = [h]
         for level, mult in enumerate(self.channel_mults):
             for i in range(self.num_res_blocks):
@@ -133,7 +150,7 @@ class UNet(nn.Module):
                     h = attn(f"down{level}_attn{i}")(h, train)
                 skips.append(h)
             if level != len(self.channel_mults) - 1:
-                h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), dtype=self.dtype, name=f"down{level}")(h)
+                h = Conv(h.shape[-1], (3, 3), (2, 2), dtype=self.dtype, name=f"down{level}")(h)
                 skips.append(h)
 
         h = res(h.shape[-1], "mid_res0")(h, temb, train)
@@ -151,7 +168,7 @@ class UNet(nn.Module):
                 h = UpsampleConv(h.shape[-1], dtype=self.dtype, name=f"up{level}")(h)
 
         h = GroupNorm(self.num_groups, dtype=self.dtype, silu=True, name="out_norm")(h)
-        out = nn.Conv(
+        out = Conv(
             self.out_channels, (3, 3), dtype=self.dtype, kernel_init=nn.initializers.zeros, name="out"
         )(h)
         return out.astype(jnp.float32)
