@@ -92,7 +92,7 @@ def group_norm(
     """GroupNorm of x [N, ..., C] over all but the batch axis, per group of C // num_groups channels.
 
     x may also be a tuple of arrays [N, ..., C_i]: the GroupNorm of their concatenation along channels,
-    returned as a tuple of the same parts, with the concatenation never built (see `ConcatConv`).
+    returned as a tuple of the same parts, with the concatenation never built (see `Conv`).
 
     The statistics are summed per channel over space first (a reduction along the slow axis, contiguous in
     NHWC, one fast pass) and only then over each group's channels; summing over (space, channels-in-group) at
