@@ -37,6 +37,11 @@ _TAPS = np.array([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], np.float32)
 _PAD = ((1, 0), (0, 1))
 
 
+def as_parts(x) -> tuple:
+    """x as a tuple of channel parts: a tuple or list as it is, one array as a 1-tuple."""
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
 def upsample_conv(x, kernel, bias=None):
     """Nearest x2 upsampling, then a SAME 3x3 convolution: x [N, H, W, C], kernel [3, 3, C, F] -> [N, 2H, 2W, F]."""
     if kernel.shape[:2] != (3, 3):
@@ -101,7 +106,7 @@ def group_norm(
     result is cast to dtype (x's by default). fast_variance: E[x^2] - E[x]^2 (flax's default); otherwise the
     two-pass mean of squared deviations (torch's numerics).
     """
-    parts = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+    parts = as_parts(x)
     first = parts[0]
     n, widths = first.shape[0], [p.shape[-1] for p in parts]
     c = sum(widths)
@@ -156,7 +161,7 @@ class GroupNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         """x [N, ..., C], or a tuple of channel parts (normalized as their concatenation, returned as parts)."""
-        c = sum(p.shape[-1] for p in x) if isinstance(x, (tuple, list)) else x.shape[-1]
+        c = sum(p.shape[-1] for p in as_parts(x))
         scale = self.param("scale", nn.initializers.ones_init(), (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros_init(), (c,), jnp.float32)
         return group_norm(
@@ -171,14 +176,11 @@ def add_bias(y, bias):
     the gradient of the broadcast bias, a sum over every position (and example), accumulates in float32.
     flax's layers add the bias and sum its gradient in the compute dtype: on XLA:CPU the mid UNet's bias
     gradients then came out up to 16% off their float32 values (median 0.8%), against 3% for kernels; with
-    this, at most 2.5% (median 0.2%). In float32 it is exactly y + bias."""
+    this and the time embedding added the same way, every leaf is within 0.9% (biases median 0.24%). In
+    float32 it is exactly y + bias."""
     if jnp.finfo(y.dtype).bits >= 32:
         return y + bias.astype(y.dtype)
     return (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(y.dtype)
-
-
-def _parts(x) -> tuple:
-    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
 def _flat_init(init, n_in: int):
@@ -220,7 +222,7 @@ class Conv(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        parts = _parts(x)
+        parts = as_parts(x)
         c = sum(p.shape[-1] for p in parts)
         kernel = self.param("kernel", self.kernel_init, (*self.kernel_size, c, self.features), jnp.float32)
 
@@ -250,7 +252,7 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        parts = _parts(x)
+        parts = as_parts(x)
         if len(parts) > 1 and self.axes != 1:
             raise ValueError("Dense of channel parts contracts the last axis only (axes=1)")
         features = tuple(self.features) if isinstance(self.features, (tuple, list)) else (self.features,)

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from semflow_jax.models.layers import Conv, Dense, GroupNorm, UpsampleConv, add_bias
+from semflow_jax.models.layers import Conv, Dense, GroupNorm, UpsampleConv, add_bias, as_parts
 
 
 def timestep_embedding(t, dim: int, max_period: float = 10000.0):
@@ -46,7 +46,7 @@ class ResBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, temb, train: bool = False):
-        parts = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+        parts = as_parts(x)
         h = GroupNorm(self.num_groups, dtype=self.dtype, silu=True, name="norm1")(parts)
         h = Conv(self.channels, (3, 3), dtype=self.dtype, name="conv1")(h)
         h = add_bias(h, Dense(self.channels, dtype=self.dtype, name="time")(nn.silu(temb))[:, None, None, :])
