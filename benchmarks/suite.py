@@ -45,9 +45,20 @@ XLA_CANDIDATES = (
     "--xla_cpu_experimental_ynn_fusion_type=eltwise,reduce",
     "--xla_cpu_experimental_ynn_fusion_type=individual_convolution,eltwise,reduce",
     "--xla_cpu_experimental_ynn_fusion_type=individual_convolution,individual_dot,dot,eltwise,reduce",
-    # The package's defaults: the YNN fusions, and the CPU split into two devices (semflow_jax/xla_options.py).
-    "--xla_cpu_experimental_ynn_fusion_type=eltwise,reduce --xla_force_host_platform_device_count=2",
 )
+
+
+def package_defaults() -> str:
+    """The package's XLA defaults on this machine (YNN fusions, with bfloat16 dots where the CPU has AMX; the
+    CPU split into two devices), read from semflow_jax/xla_options.py without importing the package (whose
+    import would set them in this process, which never starts a backend)."""
+    import importlib.util
+
+    path = os.path.join(ROOT, "semflow_jax", "xla_options.py")
+    spec = importlib.util.spec_from_file_location("_semflow_xla_options", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return " ".join([*module.cpu_defaults(), f"{module.DEVICE_COUNT_OPTION}={module.DEFAULT_CPU_DEVICES}"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -728,7 +739,7 @@ def main():
                 result["sampler_by_devices"].append({"size": name, **row})
         result["xla_options"] = []
         if not args.quick:
-            for flags in XLA_CANDIDATES:
+            for flags in (*XLA_CANDIDATES, package_defaults()):
                 print(f"measuring XLA_FLAGS={flags or '(XLA default)'}", flush=True)
                 row = run_worker("xla", repeats, False, {"XLA_FLAGS": flags, "SEMFLOW_XLA_DEFAULTS": "0"})
                 result["xla_options"].append({"xla_flags": flags, **row})

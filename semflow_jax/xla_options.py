@@ -1,10 +1,12 @@
 """XLA options the package sets by default, before JAX starts its backend: the CPU settings measured fastest.
 
-`import semflow_jax` (any of its modules) appends CPU_DEFAULTS to $XLA_FLAGS, except for an option the
-user already set there, and only where the CPU does the work (no TPU or GPU backend installed, or
-JAX_PLATFORMS=cpu). SEMFLOW_XLA_DEFAULTS=0 turns this off. An option XLA does not know aborts the
-process, so they are applied only on the jaxlib versions they were measured on (TESTED_JAXLIB); they
-change how XLA:CPU compiles, never the result beyond float rounding, and do nothing on GPU or TPU.
+`import semflow_jax` (any of its modules) appends CPU_DEFAULTS to $XLA_FLAGS (YNNPACK's fusions of elementwise
+ops and reductions, and where the CPU has AMX its bfloat16 dots with float32 results, as which the UNet's
+wider bfloat16 convolutions then run: models/layers.py), except for an option the user already set there, and
+only where the CPU does the work (no TPU or GPU backend installed, or JAX_PLATFORMS=cpu).
+SEMFLOW_XLA_DEFAULTS=0 turns this off. An option XLA does not know aborts the process, so they are applied
+only on the jaxlib versions they were measured on (TESTED_JAXLIB); they change how XLA:CPU compiles, never the
+result beyond float rounding, and do nothing on GPU or TPU.
 
 It also splits the CPU into `cpu_devices()` XLA devices (default 2 where the process may use 2 or more
 cores; SEMFLOW_CPU_DEVICES=n chooses, 1 keeps one device). Every jitted step and sampler of the package
@@ -26,7 +28,13 @@ import warnings
 
 # YNNPACK fusions of elementwise ops and reductions (GroupNorm, SiLU, the residual adds): the forward pass of
 # the shapes UNet about 1.6x faster on the 2-core CPU, its train step about 1.2x (benchmarks/README.md).
-CPU_DEFAULTS = ("--xla_cpu_experimental_ynn_fusion_type=eltwise,reduce",)
+YNN_FUSION_OPTION = "--xla_cpu_experimental_ynn_fusion_type"
+YNN_FUSIONS = "eltwise,reduce"
+# Where the CPU has AMX, also bfloat16 x bfloat16 -> float32 dots: YNNPACK runs them on AMX at 620-670 GFLOP/s
+# per core against 72-77 for XLA's own kernel (2-core Xeon; float32 dots 140-160 either way; the mid model's
+# float32 train step, forward pass and sampler the same with it and without, alternating processes), and the
+# UNets' bfloat16 convolutions then run partly as such dots (models/layers.py, `amx_conv`).
+YNN_FUSIONS_AMX = "eltwise,reduce,individual_dot"
 TESTED_JAXLIB = ("0.10.",)
 DEVICE_COUNT_OPTION = "--xla_force_host_platform_device_count"
 # Devices the CPU is split into by default: measured on 2 cores (2 beat 1 and 4); on larger CPUs we have no
@@ -34,6 +42,34 @@ DEVICE_COUNT_OPTION = "--xla_force_host_platform_device_count"
 DEFAULT_CPU_DEVICES = 2
 # Bad SEMFLOW_* settings apply() met (it warns and leaves them out); the command-line tools refuse to run.
 PROBLEMS: list[str] = []
+
+
+def cpu_has_amx(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU lists the AMX bfloat16 extension (Linux's /proc/cpuinfo flag amx_bf16)."""
+    try:
+        with open(cpuinfo_path) as f:
+            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
+    except OSError:
+        return False
+
+
+def cpu_defaults(amx: bool | None = None) -> tuple[str, ...]:
+    """The XLA options set by default on a CPU: YNNPACK's fusions, with its bfloat16 dots where there is AMX."""
+    amx = cpu_has_amx() if amx is None else amx
+    return (f"{YNN_FUSION_OPTION}={YNN_FUSIONS_AMX if amx else YNN_FUSIONS}",)
+
+
+def ynn_fusions(environ=None) -> set[str]:
+    """The YNNPACK fusion types $XLA_FLAGS asks XLA:CPU for (its last ynn_fusion_type option wins)."""
+    environ = os.environ if environ is None else environ
+    found = ""
+    for opt in environ.get("XLA_FLAGS", "").split():
+        if opt.startswith(YNN_FUSION_OPTION + "="):
+            found = opt.split("=", 1)[1]
+    return {t for t in found.split(",") if t}
+
+
+CPU_DEFAULTS = cpu_defaults()
 
 
 def switched_off(environ, name: str) -> bool:

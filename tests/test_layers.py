@@ -8,6 +8,8 @@ import pytest
 
 from semflow_jax.models import layers, unet
 
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
 
 def _textbook_upsample_conv(x, kernel, bias):
     h = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
@@ -267,6 +269,81 @@ def test_conv_of_parts_in_bfloat16_accumulates_them_in_float32():
     assert y.dtype == jnp.bfloat16
     exact = layers.Conv(16).apply(params, (x.astype(jnp.float32),) * 2)  # float32 throughout
     np.testing.assert_allclose(np.asarray(y, np.float32), exact, rtol=2**-7, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "shape, kernel, padding",
+    [
+        ((2, 6, 5, 16), (3, 3), ((1, 1), (1, 1))),
+        ((1, 1, 1, 8), (3, 3), ((1, 1), (1, 1))),
+        ((2, 2, 3, 4), (3, 3), ((1, 1), (1, 1))),
+        ((2, 4, 3, 8), (2, 2), ((1, 0), (0, 1))),  # an upsampling parity's 2x2 convolution
+        ((2, 5, 4, 8), (2, 3), ((0, 1), (2, 0))),
+    ],
+)
+@pytest.mark.parametrize("dots_forward", [True, False])
+def test_amx_conv_is_the_convolution_and_its_gradients(shape, kernel, padding, dots_forward):
+    """Forward equal to XLA's float32-result convolution of the same bfloat16 operands; both gradients equal
+    to the convolution's, computed in float32 and rounded to bfloat16 (within a bfloat16 ulp or two), and
+    returned in the operands' dtype. Odd widths, a 1x1 image, fewer columns than the kernel, uneven padding."""
+    kx, kk, kg = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(kx, shape).astype(jnp.bfloat16)
+    k = (0.2 * jax.random.normal(kk, (*kernel, shape[-1], 8))).astype(jnp.bfloat16)
+
+    def reference(x, k):
+        return jax.lax.conv_general_dilated(
+            x.astype(jnp.float32), k.astype(jnp.float32), (1, 1), padding, dimension_numbers=_NHWC
+        )
+
+    y, vjp = jax.vjp(lambda x, k: layers.amx_conv(x, k, padding, dots_forward), x, k)
+    want, ref_vjp = jax.vjp(reference, x, k)
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    g = jax.random.normal(kg, y.shape)
+    for ours, ref in zip(vjp(g), ref_vjp(g), strict=True):
+        assert ours.dtype == jnp.bfloat16
+        ref = np.asarray(ref, np.float32)
+        np.testing.assert_allclose(
+            np.asarray(ours, np.float32), ref, rtol=2**-7, atol=1e-2 * np.abs(ref).max()
+        )
+
+
+def _ops(fn, *args) -> str:
+    return str(jax.make_jaxpr(fn)(*args))
+
+
+def test_bfloat16_layers_run_as_amx_conv_where_dots_reach_amx(monkeypatch):
+    """In bfloat16 where dots_reach_amx(): a Conv of wide parts is products both ways (no convolution left in
+    its program), a narrower one keeps the convolution forward only, a 3-channel output keeps it both ways,
+    and upsample_conv's wide parities are products too; each gives what the convolution gives, gradients too."""
+    c = layers.DOTS_FORWARD_MIN_CHANNELS
+    key = jax.random.PRNGKey(0)
+    x = jax.random.normal(key, (1, 4, 4, 2 * c)).astype(jnp.bfloat16)
+    parts = (x[..., :c], x[..., c:])
+    conv = "conv_general_dilated"
+    cases = {  # name: (module, input, convolutions expected forward / in the gradient when on)
+        "wide": (layers.Conv(c, dtype=jnp.bfloat16), parts, (False, False)),
+        "narrow": (layers.Conv(layers.AMX_CONV_MIN_FEATURES, dtype=jnp.bfloat16), parts, (True, False)),
+        "output": (layers.Conv(3, dtype=jnp.bfloat16), parts, (True, True)),
+        "upsample": (layers.UpsampleConv(c, dtype=jnp.bfloat16), x[..., :c], (False, False)),
+    }
+    for name, (module, inputs, (conv_forward, conv_grad)) in cases.items():
+        params = module.init(key, inputs)
+
+        def loss(p, module=module, inputs=inputs):
+            return jnp.sum(jnp.sin(module.apply(p, inputs).astype(jnp.float32)))
+
+        results = {}
+        for on in (False, True):
+            monkeypatch.setattr(layers, "dots_reach_amx", lambda on=on: on)
+            forward = _ops(module.apply, params, inputs).count(conv)
+            in_backward = _ops(jax.grad(loss), params).count(conv) - forward
+            assert (forward > 0) == (conv_forward or not on), name
+            assert (in_backward > 0) == (conv_grad or not on), name
+            results[on] = (module.apply(params, inputs), jax.grad(loss)(params))
+        for ours, ref in zip(jax.tree.leaves(results[True]), jax.tree.leaves(results[False]), strict=True):
+            ours, ref = np.asarray(ours, np.float32), np.asarray(ref, np.float32)
+            np.testing.assert_allclose(ours, ref, rtol=2**-6, atol=2**-6 * np.abs(ref).max(), err_msg=name)
 
 
 def test_add_bias_is_the_plain_sum_in_float32_and_rounds_once_in_bfloat16():

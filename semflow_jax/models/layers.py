@@ -17,10 +17,16 @@ float32 where the compute dtype is bfloat16 (`add_bias`: the bias gradient is th
 channel concatenation as its parts, they compute one product per part, summed; with `GroupNorm` of parts
 this lets the decoder's ResBlocks read [h, skip] without ever writing the concatenated array (on a 2-core
 CPU the mid model's 25-step sampler and train step about 2% faster).
+
+`amx_conv` is a bfloat16 stride-1 convolution whose backward pass (and, for wide layers, forward pass) is
+products with float32 results, which XLA:CPU hands to YNNPACK's AMX kernels (its bfloat16 convolutions have no
+AMX path, and their gradients are slow); `Conv` and `upsample_conv` use it in bfloat16 where
+`dots_reach_amx()` (xla_options turns YNNPACK's dots on where the CPU has AMX).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -49,6 +55,15 @@ def upsample_conv(x, kernel, bias=None):
     n, h, w, _ = x.shape
     # The folded kernels are summed in the parameters' precision, then cast to the compute dtype.
     folded = jnp.einsum("aui,bvj,ijcf->abuvcf", _TAPS, _TAPS, kernel.astype(jnp.float32)).astype(x.dtype)
+    c, f = kernel.shape[2:]
+    if _use_amx_conv(
+        x.dtype, f
+    ):  # each parity's float32 result gets the bias and is rounded before interleaving
+        dots = min(c, f) >= DOTS_FORWARD_MIN_CHANNELS
+        parity = [[amx_conv(x, folded[a, b], (_PAD[a], _PAD[b]), dots) for b in (0, 1)] for a in (0, 1)]
+        parity = [[p if bias is None else add_bias(p, bias) for p in row] for row in parity]
+        rows = [jnp.stack([p.astype(x.dtype) for p in row], axis=3) for row in parity]
+        return jnp.stack(rows, axis=2).reshape(n, 2 * h, 2 * w, f)
     rows = []
     for a in (0, 1):
         cols = [
@@ -202,6 +217,141 @@ def _padding(padding):
     return tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
 
 
+# bfloat16 convolutions on a CPU with AMX (`dots_reach_amx`) run as `amx_conv`. Its forward pass is products
+# (`_conv_as_dots`) where input and output both have at least DOTS_FORWARD_MIN_CHANNELS channels, XLA's
+# convolution otherwise. Measured on one core of a Xeon with AMX, batch 8, forward: 128->128 at 32x32 and 16x16
+# 2.2-2.4x faster as products, 64->64 at 64x64 the same, 128->64 there 1.25x slower (few channels to contract
+# or to give, and large float32 partial sums). Its backward pass is always products: XLA:CPU's bfloat16
+# convolution gradients are slow (one core, forward + backward: 128->128 at 32x32 94 ms as convolutions, 17
+# with the products' backward; 64->64 at 64x64 80 -> 26, though 0.82x on one device with both cores in
+# benchmarks/layers.py, and the mid model's train step the same with or without it for its 64-channel layers).
+# Layers giving fewer than AMX_CONV_MIN_FEATURES channels (the UNet's 3-channel output) keep the convolution:
+# products that give a few channels are slow. In float32 XLA's convolutions are as fast as the products or
+# faster, both ways.
+DOTS_FORWARD_MIN_CHANNELS = 128
+AMX_CONV_MIN_FEATURES = 16
+
+
+def dots_reach_amx() -> bool:
+    """Whether bfloat16 products with float32 results run on AMX here: the CPU backend with XLA's YNNPACK dot
+    fusion on (`xla_options` turns it on where the CPU has AMX). There they run at 620-670 GFLOP/s per core
+    against 130-160 for XLA:CPU's bfloat16 convolutions and bfloat16-result dots."""
+    from semflow_jax import xla_options
+
+    return jax.default_backend() == "cpu" and "individual_dot" in xla_options.ynn_fusions()
+
+
+def _shift_columns(y, s: int, width: int):
+    """z [N, H, width, F] with z[:, :, v] = y[:, :, v + s] where 0 <= v + s < y's width, else 0."""
+    lo, hi = max(0, -s), min(width, y.shape[2] - s)
+    if hi <= lo:
+        return jnp.zeros((*y.shape[:2], width, y.shape[3]), y.dtype)
+    return jnp.pad(y[:, :, lo + s : hi + s], ((0, 0), (0, 0), (lo, width - hi), (0, 0)))
+
+
+def _conv_as_dots(x, kernel, padding):
+    """The stride-1 convolution of x [N, H, W, C] with kernel [kh, kw, C, F] and padding ((top, bottom), (left,
+    right)) as kh * kw products, float32 result.
+
+    Padding x's rows makes each kernel row i a contiguous row range of it; for each kernel column j,
+    y_j = Σ_i rows_i(x) @ kernel[i, j] is that column's contribution before its horizontal shift, and the
+    output is Σ_j y_j shifted by j - left columns. Only the float32 partial sums move sideways: no column-shifted copy
+    of x is built (XLA:CPU builds those, and im2col's patches, at 1-3 GB/s)."""
+    (top, bottom), (left, right) = padding
+    kh, kw = kernel.shape[:2]
+    h, w = x.shape[1:3]
+    out_h, out_w = h + top + bottom - kh + 1, w + left + right - kw + 1
+    xh = jnp.pad(x, ((0, 0), (top, bottom), (0, 0), (0, 0)))
+    dims = (((3,), (0,)), ((), ()))
+    rows = [xh[:, i : i + out_h] for i in range(kh)]
+    out = None
+    for j in range(kw):
+        y = sum(
+            jax.lax.dot_general(rows[i], kernel[i, j], dims, preferred_element_type=jnp.float32)
+            for i in range(kh)
+        )
+        y = _shift_columns(y, j - left, out_w)
+        out = y if out is None else out + y
+    return out
+
+
+def _conv_f32(x, kernel, padding, as_dots: bool):
+    """The stride-1 convolution, float32 result: as products, or as XLA's convolution."""
+    if as_dots:
+        return _conv_as_dots(x, kernel, padding)
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        (1, 1),
+        padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        preferred_element_type=jnp.float32,
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def amx_conv(x, kernel, padding, dots_forward: bool):
+    """Stride-1 convolution, NHWC / HWIO, explicit padding ((top, bottom), (left, right)) with each side at
+    most the kernel's extent - 1, float32 result: forward as products if dots_forward, else XLA's
+    convolution; backward always as products taking x's dtype in and giving float32 out.
+
+    Equal to lax.conv_general_dilated(..., preferred_element_type=float32) and its gradients up to float
+    rounding (the gradients returned in x's and kernel's dtypes). The backward pass is written out because
+    jax's transpose of a float32-result product would cast bfloat16 operands to float32, off AMX: the input
+    gradient is the convolution of the output gradient with the flipped, transposed kernel (padding
+    extent - 1 - p per side); the kernel gradient is kh * kw products of x's row ranges with the column-shifted
+    output gradient, contracted over examples and positions."""
+    return _conv_f32(x, kernel, padding, dots_forward)
+
+
+def _amx_conv_fwd(x, kernel, padding, dots_forward):
+    return _conv_f32(x, kernel, padding, dots_forward), (x, kernel)
+
+
+def _amx_conv_bwd(padding, dots_forward, saved, g):
+    x, kernel = saved
+    (top, bottom), (left, right) = padding
+    kh, kw = kernel.shape[:2]
+    flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
+    back = ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right))
+    dx = _conv_as_dots(g.astype(x.dtype), flipped, back).astype(x.dtype)
+    xh = jnp.pad(x, ((0, 0), (top, bottom), (0, 0), (0, 0)))
+    # Column j's partial sum at position c reaches the output at c - (j - left): its gradient is g shifted back.
+    shifted = [_shift_columns(g, left - j, x.shape[2]).astype(x.dtype) for j in range(kw)]
+    dims = (((0, 1, 2), (0, 1, 2)), ((), ()))
+    rows = [xh[:, i : i + g.shape[1]] for i in range(kh)]
+    dk = jnp.stack(
+        [
+            jnp.stack([jax.lax.dot_general(r, s, dims, preferred_element_type=jnp.float32) for s in shifted])
+            for r in rows
+        ]
+    )
+    return dx, dk.astype(kernel.dtype)
+
+
+amx_conv.defvjp(_amx_conv_fwd, _amx_conv_bwd)
+
+
+def _amx_padding(padding, kernel_size):
+    """nn.Conv's padding as explicit ((top, bottom), (left, right)) pairs that amx_conv takes, or None."""
+    if padding == "SAME":
+        pairs = tuple(((k - 1) // 2, k - 1 - (k - 1) // 2) for k in kernel_size)
+    elif padding == "VALID":
+        pairs = ((0, 0), (0, 0))
+    else:
+        pairs = _padding(padding)
+    if len(pairs) != 2 or not all(
+        0 <= p <= k - 1 for (lo, hi), k in zip(pairs, kernel_size, strict=True) for p in (lo, hi)
+    ):
+        return None
+    return tuple(tuple(p) for p in pairs)
+
+
+def _use_amx_conv(dtype, features: int) -> bool:
+    """Whether a convolution computed in `dtype` giving `features` channels runs as amx_conv."""
+    return jnp.dtype(dtype) == jnp.bfloat16 and features >= AMX_CONV_MIN_FEATURES and dots_reach_amx()
+
+
 class Conv(nn.Module):
     """nn.Conv (NHWC, 2-D) with its parameters ("kernel" [kh, kw, C, F], "bias" [F]) and initial values, the
     bias added as `add_bias` does (in float32 where computing in bfloat16).
@@ -226,7 +376,16 @@ class Conv(nn.Module):
         c = sum(p.shape[-1] for p in parts)
         kernel = self.param("kernel", self.kernel_init, (*self.kernel_size, c, self.features), jnp.float32)
 
+        pads = _amx_padding(self.padding, tuple(self.kernel_size))
+        amx = (
+            tuple(self.strides) == (1, 1)
+            and pads is not None
+            and _use_amx_conv(self.dtype or jnp.result_type(*parts), self.features)
+        )
+
         def product(p, k, acc):
+            if amx:  # float32 out; _sum_of_parts adds the bias and rounds once
+                return amx_conv(p, k, pads, min(p.shape[-1], self.features) >= DOTS_FORWARD_MIN_CHANNELS)
             return jax.lax.conv_general_dilated(
                 p,
                 k,
