@@ -296,7 +296,8 @@ def amx_conv(x, kernel, padding, dots_forward: bool):
     convolution; backward always as products taking x's dtype in and giving float32 out.
 
     Equal to lax.conv_general_dilated(..., preferred_element_type=float32) and its gradients up to float
-    rounding (the gradients returned in x's and kernel's dtypes). The backward pass is written out because
+    rounding: the output gradient is rounded to x's dtype before the backward products, and the gradients are
+    returned in x's and kernel's dtypes. The backward pass is written out because
     jax's transpose of a float32-result product would cast bfloat16 operands to float32, off AMX: the input
     gradient is the convolution of the output gradient with the flipped, transposed kernel (padding
     extent - 1 - p per side); the kernel gradient is kh * kw products of x's row ranges with the column-shifted
