@@ -56,25 +56,21 @@ def upsample_conv(x, kernel, bias=None):
     # The folded kernels are summed in the parameters' precision, then cast to the compute dtype.
     folded = jnp.einsum("aui,bvj,ijcf->abuvcf", _TAPS, _TAPS, kernel.astype(jnp.float32)).astype(x.dtype)
     c, f = kernel.shape[2:]
-    if _use_amx_conv(
-        x.dtype, f
-    ):  # each parity's float32 result gets the bias and is rounded before interleaving
-        dots = min(c, f) >= DOTS_FORWARD_MIN_CHANNELS
-        parity = [[amx_conv(x, folded[a, b], (_PAD[a], _PAD[b]), dots) for b in (0, 1)] for a in (0, 1)]
-        parity = [[p if bias is None else add_bias(p, bias) for p in row] for row in parity]
-        rows = [jnp.stack([p.astype(x.dtype) for p in row], axis=3) for row in parity]
-        return jnp.stack(rows, axis=2).reshape(n, 2 * h, 2 * w, f)
-    rows = []
-    for a in (0, 1):
-        cols = [
-            jax.lax.conv_general_dilated(
-                x, folded[a, b], (1, 1), (_PAD[a], _PAD[b]), dimension_numbers=("NHWC", "HWIO", "NHWC")
-            )
-            for b in (0, 1)
-        ]
-        rows.append(jnp.stack(cols, axis=3))  # [N, H, W, 2 (column parity), F]
-    y = jnp.stack(rows, axis=2).reshape(n, 2 * h, 2 * w, kernel.shape[-1])  # [N, H, 2, W, 2, F] interleaved
-    return y if bias is None else add_bias(y, bias)
+    amx = _use_amx_conv(x.dtype, f)
+
+    def parity(a, b):  # the output pixels of row parity a and column parity b: [N, H, W, F]
+        pads = (_PAD[a], _PAD[b])
+        if amx:  # a float32 result: the bias is added before it is rounded, parity by parity
+            y = amx_conv(x, folded[a, b], pads, min(c, f) >= DOTS_FORWARD_MIN_CHANNELS)
+            return (y if bias is None else add_bias(y, bias)).astype(x.dtype)
+        return jax.lax.conv_general_dilated(
+            x, folded[a, b], (1, 1), pads, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    # Each row parity's two column parities side by side: [N, H, W, 2, F].
+    rows = [jnp.stack([parity(a, b) for b in (0, 1)], axis=3) for a in (0, 1)]
+    y = jnp.stack(rows, axis=2).reshape(n, 2 * h, 2 * w, f)  # [N, H, 2, W, 2, F] interleaved
+    return y if bias is None or amx else add_bias(y, bias)
 
 
 class UpsampleConv(nn.Module):
