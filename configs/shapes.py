@@ -87,4 +87,6 @@ def get_config(arg=None):
         config.eval.fid = config.eval.lpips = config.eval.label_alignment = False
         config.eval.fid_steps = (1, 2)
         config.segmenter.steps, config.segmenter.batch_size = 10, 16
+        # A segmenter the tiny model's size: compiling the default one was most of a tiny evaluation.
+        config.segmenter.channels, config.segmenter.channel_mults, config.segmenter.num_groups = 8, (1, 2), 4
     return config

@@ -38,14 +38,17 @@ def flax_name(path: tuple[str, ...]) -> tuple[str, str]:
 
 
 def to_flax(value: np.ndarray, target_shape) -> np.ndarray:
-    """A torch tensor in flax layout: conv OIHW -> HWIO, linear [out, in] -> [in, out], 1x1 conv -> linear."""
+    """A torch tensor in flax layout: conv OIHW -> HWIO, linear [out, in] -> [in, out], 1x1 conv -> linear.
+
+    A view, not a copy: the one copy is made when the params are serialized (tensor by tensor), so converting
+    SD 1.5 holds its 3.4 GB of UNet weights once, not twice, before writing them."""
     if value.ndim == 4 and len(target_shape) == 2:  # a 1x1 conv stored for a linear layer (legacy VAE)
         value = value[:, :, 0, 0]
     if value.ndim == 4:
-        value = value.transpose(2, 3, 1, 0)
-    elif value.ndim == 2:
-        value = value.T
-    return np.ascontiguousarray(value)
+        return value.transpose(2, 3, 1, 0)
+    if value.ndim == 2:
+        return value.T
+    return value
 
 
 def convert_state_dict(state: dict, template) -> dict:

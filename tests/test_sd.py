@@ -1,6 +1,7 @@
 """The Stable Diffusion port: parity with diffusers on tiny random models (fixtures made by
 tests/fixtures/make_sd_fixtures.py), and the converter's complete key coverage of the real SD 1.5 models."""
 
+import functools
 import json
 import os
 
@@ -54,18 +55,24 @@ def test_remat_and_bfloat16_keep_the_function():
     want = DATA["unet_sd1/out"]
     remat = SDUNet.from_config(SPEC["unet_sd1"]["config"], remat=True)
 
-    def loss(p, model):
-        return jnp.mean(model.apply({"params": p}, *args) ** 2)
+    # Jitted: op by op, the SD UNet's gradients and forward passes took longer than compiling them.
+    @functools.partial(jax.jit, static_argnums=1)
+    def grad(p, model):
+        return jax.grad(lambda p: jnp.mean(model.apply({"params": p}, *args) ** 2))(p)
 
-    g1, g2 = jax.grad(loss)(params, unet), jax.grad(loss)(params, remat)
+    @functools.partial(jax.jit, static_argnums=1)
+    def forward(p, model):
+        return model.apply({"params": p}, *args)
+
+    g1, g2 = grad(params, unet), grad(params, remat)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     bf16 = SDUNet.from_config(SPEC["unet_sd1"]["config"], dtype=jnp.bfloat16)
-    assert relative_error(bf16.apply({"params": params}, *args), want) < 5e-2
+    assert relative_error(forward(params, bf16), want) < 5e-2
     # Attention in query chunks (with remat) is the same function: against diffusers, and in its gradients.
     chunked = SDUNet.from_config(SPEC["unet_sd1"]["config"], remat=True, attention_chunk=16)
-    assert relative_error(chunked.apply({"params": params}, *args), want) < 1e-4
-    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(jax.grad(loss)(params, chunked)), strict=True):
+    assert relative_error(forward(params, chunked), want) < 1e-4
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(grad(params, chunked)), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
