@@ -128,7 +128,7 @@ def measure(repeats: int, batch: int | None = None) -> list[dict]:
         shapes = [s if batch is None else (batch, *s[1:]) for s in (shape if several else (shape,))]
         xs = tuple(jax.random.normal(jax.random.PRNGKey(i), s) * 2 + 0.5 for i, s in enumerate(shapes))
         x, shape = (xs, [list(s) for s in shapes]) if several else (xs[0], list(shapes[0]))
-        params = textbook.init(jax.random.PRNGKey(1), x)
+        params = jax.jit(textbook.init)(jax.random.PRNGKey(1), x)
         fns = {}
         for key, m in (("textbook", textbook), ("ours", ours)):
             fwd = jax.jit(m.apply)

@@ -325,29 +325,21 @@ def test_attribution_finds_every_convolution_of_the_unet():
     assert any(s["lhs"][1:3] == (16, 16) and s["params"]["padding"] == ((1, 1), (1, 1)) for s in ups)
 
 
-def test_layer_benchmark_cases_share_parameters_and_agree():
-    """benchmarks/layers.py: each textbook layer's parameters drive ours, with the same output (batch 1)."""
+def test_layer_benchmark_cases_share_parameters():
+    """benchmarks/layers.py: each textbook layer's parameters fit ours, leaf for leaf (shapes only; that they
+    then give the same output is checked by the timing loop below, which refuses a case that differs)."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import layers as layer_bench
 
-    for _name, shape, textbook, ours, tolerance in layer_bench.cases():
+    for name, shape, textbook, ours, _tolerance in layer_bench.cases():
         shapes = shape if isinstance(shape[0], tuple) else (shape,)  # several: one tuple of arrays
-        xs = tuple(jax.random.normal(jax.random.PRNGKey(i), (1, *s[1:])) for i, s in enumerate(shapes))
+        xs = tuple(jax.ShapeDtypeStruct((1, *s[1:]), jnp.float32) for s in shapes)
         x = xs if isinstance(shape[0], tuple) else xs[0]
-        params = textbook.init(jax.random.PRNGKey(1), x)
-        assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(1), x)) == jax.tree.map(jnp.shape, params)
-        want = textbook.apply(params, x)
-        want = np.asarray(want, np.float32)
-        np.testing.assert_allclose(
-            np.asarray(ours.apply(params, x), np.float32),
-            want,
-            rtol=tolerance,
-            atol=tolerance * np.abs(want).max(),
-        )
+        want, got = (jax.eval_shape(m.init, jax.random.PRNGKey(1), x) for m in (textbook, ours))
+        assert jax.tree.map(jnp.shape, got) == jax.tree.map(jnp.shape, want), name
 
 
 def test_layer_benchmark_times_both_forms_of_every_case():
