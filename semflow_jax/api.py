@@ -33,7 +33,7 @@ def abstract_train_state(config, mesh=None, fsdp: bool = False):
         shardings = sharding.state_sharding(shapes, mesh, config.fsdp_min_size)
     else:
         shardings = jax.tree.map(lambda _: sharding.replicated(mesh), shapes)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    return sharding.with_shardings(shapes, shardings)
 
 
 def local_mesh():

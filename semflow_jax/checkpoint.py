@@ -113,4 +113,8 @@ def has_checkpoint(directory: str) -> bool:
     """Whether `directory` holds at least one complete checkpoint (without creating anything)."""
     if not os.path.isdir(directory):
         return False
-    return Checkpointer(directory, create=False, async_save=False).latest_step() is not None
+    ckpt = Checkpointer(directory, create=False, async_save=False)
+    try:
+        return ckpt.latest_step() is not None
+    finally:
+        ckpt.close()

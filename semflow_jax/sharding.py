@@ -101,6 +101,13 @@ def state_sharding(abstract_state, mesh: Mesh, min_size: int):
     )
 
 
+def with_shardings(abstract_state, shardings):
+    """ShapeDtypeStructs of abstract_state carrying shardings: a template a checkpoint is restored into."""
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
+    )
+
+
 def check_batch(batch_size: int, mesh: Mesh, key: str) -> None:
     """Refuses a global batch that the devices and processes cannot share evenly."""
     if batch_size % mesh.size:

@@ -206,23 +206,35 @@ def make_train_step(config, model, tx, mesh=None):
     return train_step
 
 
-def build_training(config, mesh):
+def build_training(config, mesh, init: bool = True):
     """(model, state, state sharding, jitted train step) for config on mesh; the state is created sharded.
 
     The state's layout comes from the FSDP rule (`sharding.state_sharding`): large arrays split along
     "fsdp", the rest replicated. The init is jitted with that layout as out_shardings, so no parameter is
     ever whole on one device. The step is jax.jit with explicit in/out shardings (batch split over the
     mesh) and donates the old state, so parameters and optimizer state are never held twice.
+
+    With init=False the state is only its template (ShapeDtypeStructs carrying their shardings), which a
+    checkpoint is restored into: a resume neither compiles nor runs the initialization, reads no
+    pretrained weights, and never holds a random state beside the restored one.
     """
     model = build_model(config)
     tx = make_optimizer(config.train)
     init_rng = jax.random.PRNGKey(config.seed)
 
-    def init(r, pre=None):
+    def init_fn(r, pre=None):
         return init_state(config, model, tx, r, pre)
 
-    abstract = jax.eval_shape(init, init_rng)
+    abstract = jax.eval_shape(init_fn, init_rng)
     state_sharding = sharding.state_sharding(abstract, mesh, config.fsdp_min_size)
+    train_step = jax.jit(
+        make_train_step(config, model, tx, mesh),
+        in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+        out_shardings=(state_sharding, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    if not init:
+        return model, sharding.with_shardings(abstract, state_sharding), state_sharding, train_step
     # Pretrained weights go from the host straight to their shards (never whole on one device).
     pretrained = load_pretrained(config)
     for key, tree in pretrained.items():
@@ -233,13 +245,7 @@ def build_training(config, mesh):
                 f"the pretrained {key} in {config.model.pretrained} do not fit model.kind={config.model.kind}"
             )
     pretrained = {k: jax.device_put(v, state_sharding[k]) for k, v in pretrained.items()}
-    state = jax.jit(init, out_shardings=state_sharding)(init_rng, pretrained or None)
-    train_step = jax.jit(
-        make_train_step(config, model, tx, mesh),
-        in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-        out_shardings=(state_sharding, sharding.replicated(mesh)),
-        donate_argnums=(0,),
-    )
+    state = jax.jit(init_fn, out_shardings=state_sharding)(init_rng, pretrained or None)
     return model, state, state_sharding, train_step
 
 
@@ -294,8 +300,10 @@ def train_and_checkpoint(config, workdir: str, quiet: bool = False) -> dict:
     # --- Input pipeline: this process's rows of every global batch -----------------------------------------
     data_iter = pipeline.train_iterator(config, pid, nproc)
 
-    # --- Model, optimizer, state created already sharded; the jitted update step ----------------------------
-    model, state, state_sharding, train_step = build_training(config, mesh)
+    # --- Model, optimizer, state created already sharded (or, to resume, its template); the update step -----
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    resume = checkpoint.has_checkpoint(ckpt_dir)
+    model, state, state_sharding, train_step = build_training(config, mesh, init=not resume)
     num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     split = sum(1 for sh in jax.tree.leaves(state_sharding["params"]) if sh.spec != P())
     say(
@@ -304,10 +312,8 @@ def train_and_checkpoint(config, workdir: str, quiet: bool = False) -> dict:
     )
 
     # --- Checkpoint: resume from the newest complete one ---------------------------------------------------
-    ckpt = checkpoint.Checkpointer(
-        os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints, async_save=tc.async_checkpoint
-    )
-    if ckpt.latest_step() is not None:
+    ckpt = checkpoint.Checkpointer(ckpt_dir, keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
+    if resume:
         saved = ckpt.restore_config()
         if saved is not None:
             config_lib.check_compatible(config, config_lib.from_dict(saved), resume=True)

@@ -38,16 +38,22 @@ def test_training_writes_checkpoint_metrics_and_pictures(workdir):
     assert os.path.exists(os.path.join(workdir, "samples", "step_000002.png"))
 
 
-def test_resume_continues_from_the_checkpoint(workdir, tmp_path):
+def test_resume_continues_from_the_checkpoint(workdir, tmp_path, caplog):
+    import logging
     import shutil
 
     wd = str(tmp_path / "resume")
     shutil.copytree(workdir, wd)
     config = shapes_config.get_config("tiny")
     config.train.steps = 4
+    caplog.set_level(logging.DEBUG, logger="jax._src.interpreters.pxla")  # "Compiling NAME with ..."
     train_and_checkpoint(config, wd, quiet=True)
     steps = [json.loads(x)["step"] for x in open(os.path.join(wd, "metrics.jsonl"))]
     assert steps == [1, 2, 3, 4]  # 1-2 from the first run, 3-4 resumed, none repeated
+    # The checkpoint is restored into the state's template: no initialization is compiled or run.
+    compiled = [r.args[0] for r in caplog.records if r.msg.startswith("Compiling %s")]
+    assert any("train_step" in name for name in compiled), compiled
+    assert not any("init" in name for name in compiled), compiled
 
 
 def test_resume_with_another_model_is_refused_and_keeps_the_workdir(workdir, tmp_path):

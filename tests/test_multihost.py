@@ -120,7 +120,7 @@ def test_two_processes_equal_one_process(tmp_path):
 def load_state(workdir, step):
     config = config_lib.load(str(workdir))
     mesh = sharding.mesh_from_config((("data", 1), ("fsdp", 1)), jax.devices()[:1])
-    _, template, _, _ = train.build_training(config, mesh)
+    _, template, _, _ = train.build_training(config, mesh, init=False)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), create=False)
     try:
         return jax.device_get(ckpt.restore(template, step))

@@ -174,7 +174,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
     ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), create=False)
     assert ckpt.all_steps() == [2]
     mesh = sharding.mesh_from_config(config.mesh)
-    _, template, _, _ = train.build_training(config, mesh)
+    _, template, _, _ = train.build_training(config, mesh, init=False)
     restored = ckpt.restore(template)
     assert int(restored["step"]) == 2
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(restored["params"])))
