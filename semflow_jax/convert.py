@@ -152,8 +152,7 @@ def empty_prompt_embedding(diffusers_dir: str, npy: str = "") -> np.ndarray:
 
 def convert(diffusers_dir: str, out_dir: str, empty_prompt: str = "") -> None:
     """Writes out_dir/{unet,vae}/{config.json,params.msgpack} and out_dir/empty_prompt.npy."""
-    from flax import serialization
-
+    from semflow_jax import weights_io
     from semflow_jax.errors import atomic_write_bytes
     from semflow_jax.models.sd import SDVAE, SDUNet
 
@@ -166,9 +165,7 @@ def convert(diffusers_dir: str, out_dir: str, empty_prompt: str = "") -> None:
     for kind, (cfg, params) in converted.items():
         os.makedirs(os.path.join(out_dir, kind), exist_ok=True)
         atomic_write_bytes(os.path.join(out_dir, kind, "config.json"), json.dumps(cfg, indent=2).encode())
-        atomic_write_bytes(
-            os.path.join(out_dir, kind, "params.msgpack"), serialization.msgpack_serialize(params)
-        )
+        weights_io.write(os.path.join(out_dir, kind, "params.msgpack"), params)  # tensor by tensor
         n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
         print(f"{kind}: {n / 1e6:.1f}M parameters -> {out_dir}/{kind}")
     tmp = os.path.join(out_dir, "empty_prompt.tmp.npy")

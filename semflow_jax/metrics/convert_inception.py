@@ -148,9 +148,7 @@ def check_geometry(archive_root, source: str = "the archive") -> None:
 def convert(src: str | None = None, out: str | None = None) -> str:
     """Converts the archive `src` (default: the installed package's) to flax msgpack at `out` (default:
     default_params_path()); returns `out`. Writes nothing unless everything matched."""
-    from flax import serialization
-
-    from semflow_jax.errors import atomic_write_bytes
+    from semflow_jax import weights_io
 
     src = src or default_archive_path()
     out = out or default_params_path()
@@ -158,7 +156,7 @@ def convert(src: str | None = None, out: str | None = None) -> str:
     check_geometry(archive["data"], src)
     params = archive_to_params(torchscript.archive_tensors(archive, src), src)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    atomic_write_bytes(out, serialization.msgpack_serialize(params))
+    weights_io.write(out, params)
     return out
 
 

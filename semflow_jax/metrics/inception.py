@@ -255,13 +255,9 @@ def params_template() -> dict:
 
 def load_params(path: str) -> dict:
     """The params pytree (numpy float32) of a msgpack file written by convert_inception, checked against the model."""
-    from flax import serialization
+    from semflow_jax import weights_io
 
-    try:
-        with open(path, "rb") as f:
-            params = serialization.msgpack_restore(f.read())
-    except (OSError, ValueError) as e:
-        raise SemFlowError(f"cannot read Inception params {path}: {e}") from None
+    params = weights_io.read(path)
     want = {
         jax.tree_util.keystr(p): tuple(x.shape)
         for p, x in jax.tree_util.tree_leaves_with_path(params_template())

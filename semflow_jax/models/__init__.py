@@ -106,16 +106,12 @@ def flow_shape(config) -> tuple[int, int, int]:
 
 def load_pretrained(config) -> dict:
     """Host numpy trees of the pretrained weights: {"params": ...} for an SD UNet, {"vae": ...} in latent mode."""
-    from flax import serialization
+    from semflow_jax import weights_io
 
     out = {}
 
     def read(kind):
-        path = os.path.join(config.model.pretrained, kind, "params.msgpack")
-        try:
-            return serialization.msgpack_restore(open(path, "rb").read())
-        except (OSError, ValueError) as e:
-            raise SemFlowError(f"cannot read {path}: {e}") from None
+        return weights_io.read(os.path.join(config.model.pretrained, kind, "params.msgpack"))
 
     if config.model.kind == "sd":
         out["params"] = {"unet": read("unet")}
