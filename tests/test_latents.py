@@ -95,7 +95,9 @@ def test_a_step_on_cached_latents_equals_the_step_that_encodes(sd_folder, tmp_pa
     lat_batch = next(pipeline.train_iterator(cached))
     assert set(lat_batch) == {"latent_mean", "latent_logvar", "mask_latent"}
     model, tx = build_model(config), make_optimizer(config.train)
-    state = init_state(config, model, tx, jax.random.PRNGKey(0), load_pretrained(config))
+    state = jax.jit(lambda r, pre: init_state(config, model, tx, r, pre))(
+        jax.random.PRNGKey(0), load_pretrained(config)
+    )
     step = jax.jit(make_train_step(config, model, tx))
     s_raw, m_raw = step(state, raw_batch)
     s_lat, m_lat = step(state, lat_batch)
