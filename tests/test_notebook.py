@@ -36,13 +36,13 @@ def _images(nb):
     ]
 
 
-def _check_outputs(nb):
+def _check_outputs(nb, min_miou):
     for cell in nb.cells:
         for out in cell.get("outputs", []):
             assert out.output_type != "error", "".join(out.get("traceback", []))[-2000:]
     text = _texts(nb)
     one_step = float(re.search(r"mIoU with  1 Euler step\(s\) on 256 scenes: ([\d.]+)%", text).group(1))
-    assert one_step > 60.0, text  # a model that learned (chance is about 20)
+    assert one_step > min_miou, text  # a model that learned (chance is about 20)
     assert re.search(r"beta = 32.0: mean RMS distance between samples of a mask 0\.0*[1-9]", text)
     assert "beta =  0.0: mean RMS distance between samples of a mask 0.000" in text  # deterministic ODE
     assert "2 pictures segmented -> 6 files" in text and "1 masks synthesized -> 6 files" in text
@@ -56,15 +56,15 @@ def test_stored_notebook_is_the_builders_and_holds_real_results():
     assert [c.source for c in stored.cells] == [c.source for c in built.cells], (
         "rerun notebooks/build_quickstart.py"
     )
-    _check_outputs(stored)
+    _check_outputs(stored, min_miou=80.0)  # the quick setting's 400 steps
 
 
 TRAIN_LINE = "config = shapes_config.get_config(CONFIG_OPTIONS)"
-# The run here trains about a third of the quick setting's steps: the cells' code paths are the same, the
-# suite's clock is shorter, and 140 steps already segment well above the bar (the stored notebook holds the
-# 400-step run's numbers, which the test above checks). Measured: 68.3% mIoU at one Euler step (77.4% at 200
-# steps, 62.4% at 100), chance is 20; the test alone takes 78 s on 2 cores.
-TEST_STEPS = 140
+# The run here trains a quarter of the quick setting's steps: the cells' code paths are the same, the suite's
+# clock is shorter, and 100 steps already segment far above chance (the stored notebook holds the 400-step
+# run's numbers, which the test above holds to 80%). Measured: 62.4% mIoU at one Euler step after 100 steps
+# (68.3% at 140, 77.4% at 200), chance is 20, so the bar is 45.
+TEST_STEPS = 100
 
 
 def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
@@ -79,5 +79,5 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
         f"{TRAIN_LINE}\nconfig.train.steps = config.train.checkpoint_every = config.train.sample_every = {TEST_STEPS}",
     )
     build_quickstart.execute(nb, str(tmp_path), timeout=300)  # per cell: a hang fails, not the clock
-    _check_outputs(nb)
+    _check_outputs(nb, min_miou=45.0)
     assert os.path.exists(tmp_path / "runs" / "notebook_shapes" / "checkpoints" / str(TEST_STEPS))
