@@ -153,7 +153,7 @@ def empty_prompt_embedding(diffusers_dir: str, npy: str = "") -> np.ndarray:
 def convert(diffusers_dir: str, out_dir: str, empty_prompt: str = "") -> None:
     """Writes out_dir/{unet,vae}/{config.json,params.msgpack} and out_dir/empty_prompt.npy."""
     from semflow_jax import weights_io
-    from semflow_jax.errors import atomic_write_bytes
+    from semflow_jax.errors import atomic_open, atomic_write_bytes
     from semflow_jax.models.sd import SDVAE, SDUNet
 
     embedding = empty_prompt_embedding(diffusers_dir, empty_prompt)
@@ -168,9 +168,8 @@ def convert(diffusers_dir: str, out_dir: str, empty_prompt: str = "") -> None:
         weights_io.write(os.path.join(out_dir, kind, "params.msgpack"), params)  # tensor by tensor
         n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
         print(f"{kind}: {n / 1e6:.1f}M parameters -> {out_dir}/{kind}")
-    tmp = os.path.join(out_dir, "empty_prompt.tmp.npy")
-    np.save(tmp, embedding)
-    os.replace(tmp, os.path.join(out_dir, "empty_prompt.npy"))
+    with atomic_open(os.path.join(out_dir, "empty_prompt.npy")) as f:
+        np.save(f, embedding)
 
 
 def main(argv):

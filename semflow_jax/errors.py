@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 
 class SemFlowError(Exception):
@@ -81,9 +82,21 @@ def _one_line(e: Exception) -> str:
     return f"{lines[0].split(': Error')[0]}: {lines[-1]}"
 
 
+@contextlib.contextmanager
+def atomic_open(path: str) -> Iterator:
+    """A binary file to write that appears at `path` whole or not at all: a temporary file beside it, renamed
+    into place when the block ends and removed if the block raises."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Writes a file so that readers see either nothing or the whole thing (temp file, then rename)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_open(path) as f:
         f.write(data)
-    os.replace(tmp, path)

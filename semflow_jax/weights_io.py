@@ -15,7 +15,7 @@ import struct
 import msgpack
 import numpy as np
 
-from semflow_jax.errors import SemFlowError, first_line
+from semflow_jax.errors import SemFlowError, atomic_open, first_line
 
 _NDARRAY, _NPSCALAR = 1, 3  # flax's msgpack ExtType codes for an ndarray and a numpy scalar
 MAX_CHUNK_SIZE = 2**30  # flax's: larger arrays are stored as a dict of chunks
@@ -85,14 +85,8 @@ def _write_node(f, packer: msgpack.Packer, node, keep_order: bool = False) -> No
 def write(path: str, tree) -> None:
     """Writes `tree` (nested dicts of str -> arrays) to path as flax msgpack; atomically (a temporary file
     renamed into place), so a failure leaves no half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            _write_node(f, msgpack.Packer(use_bin_type=True), tree)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_open(path) as f:
+        _write_node(f, msgpack.Packer(use_bin_type=True), tree)
 
 
 def _ext_hook(code: int, data: bytes):
