@@ -11,7 +11,7 @@ sampler-<size>, alternating processes): one mid forward pass 503-519 ms against 
 149-151, the 25-step sampler the same or up to 4% faster, memory paged in per forward pass 0 MiB against
 112-128, peak memory the same. Not M_ARENA_MAX=1 (yet): one heap for all threads also keeps the train step's
 buffers of more than 64 MiB, but made the sampler 3-8% slower, and 29% slower on a machine with AMX with
-the PyTorch twin in the process (README, "Benchmarks").
+the PyTorch twin in the process (docs/PERFORMANCE.md, "Each framework in its own process").
 
 What it costs: freed memory up to the threshold stays with the process instead of going back to the OS (a
 heap's peak stays resident). Blocks that a thread's heap cannot hold (over 64 MiB) are still mapped per
