@@ -82,8 +82,10 @@ def test_data_benchmark_measures_both_paths(tmp_path):
 def test_suite_quick_measures_every_promised_number(tmp_path):
     """benchmarks/suite.py --quick (JAX alone, as CI has no torch): the JSON and the Markdown report."""
     out = tmp_path / "suite"
-    # One device, as a laptop user has (the 8 simulated ones only cost compile time here).
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
+    # The suite's devices, as a laptop user has them (the 8 simulated ones only cost compile time here), and
+    # its compile options (-O0).
+    flags = " ".join(f for f in os.environ["XLA_FLAGS"].split() if "device_count" not in f)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
     proc = subprocess.run(
         [sys.executable, "benchmarks/suite.py", "--quick", "--no-torch", f"--out={out}"],
         cwd=ROOT, capture_output=True, text=True, env=env, timeout=600,
