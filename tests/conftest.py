@@ -21,9 +21,11 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for `configs`
-# At -O0 XLA:CPU's older elemental emitter compiles a fusion faster than its MLIR fusion emitters (the tiny
-# train step 8.2-9.2 -> 6.2-6.4 s; this suite 668 -> 543 s, its in-process compile time 424 -> 238 s); at the
-# optimization level users run (the package leaves it alone) it is the other way round. An option XLA does
+# At -O0 XLA:CPU's older elemental emitter compiles a fusion faster than its MLIR fusion emitters: the tiny
+# train step 8.2-9.2 -> 6.2-6.4 s; test_pod + test_unet + test_layers in one process, alternating runs,
+# 222 / 187 -> 153 / 135 s; this suite's in-process compile time 424 -> 238 s. At the optimization level users
+# run it is the other way round (the shapes train step compiles in 16-18 s instead of 12), so the package
+# leaves it alone. An option XLA does
 # not know aborts the process, so only on the jaxlib versions the package's own XLA options are tested on.
 from semflow_jax import xla_options  # noqa: E402  (after XLA_FLAGS: the package appends its defaults to them)
 
