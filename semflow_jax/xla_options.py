@@ -109,6 +109,16 @@ def cpu_does_the_work(environ) -> bool:
     return platforms == ["cpu"] or not accelerator_installed()
 
 
+def on_tested_jaxlib() -> bool:
+    """Whether the installed jaxlib is one the options here were measured on (XLA aborts on unknown options)."""
+    try:
+        from importlib.metadata import version
+
+        return version("jaxlib").startswith(TESTED_JAXLIB)
+    except Exception:  # no jaxlib metadata: leave XLA alone
+        return False
+
+
 def apply(environ=None) -> list[str]:
     """Adds the defaults to environ["XLA_FLAGS"] (default os.environ); returns the options it added."""
     environ = os.environ if environ is None else environ
@@ -116,13 +126,7 @@ def apply(environ=None) -> list[str]:
         return []
     if not cpu_does_the_work(environ):
         return []  # a TPU or GPU backend will run the work: CPU options buy nothing there, so none are set
-    try:
-        from importlib.metadata import version
-
-        jaxlib = version("jaxlib")
-    except Exception:  # no jaxlib metadata: leave XLA alone
-        return []
-    if not jaxlib.startswith(TESTED_JAXLIB):
+    if not on_tested_jaxlib():
         return []
     current = environ.get("XLA_FLAGS", "")
     added = [opt for opt in CPU_DEFAULTS if opt.split("=")[0] not in current]

@@ -13,7 +13,6 @@ every subprocess (set once by the controller, inherited), compiles each of them 
 import os
 import sys
 import tempfile
-from importlib.metadata import version
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
@@ -25,11 +24,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 # train step 8.2-9.2 -> 6.2-6.4 s; test_pod + test_unet + test_layers in one process, alternating runs,
 # 222 / 187 -> 153 / 135 s; this suite's in-process compile time 424 -> 238 s. At the optimization level users
 # run it is the other way round (the shapes train step compiles in 16-18 s instead of 12), so the package
-# leaves it alone. An option XLA does
-# not know aborts the process, so only on the jaxlib versions the package's own XLA options are tested on.
+# leaves it alone. An option XLA does not know aborts the process, so only on the jaxlib versions the
+# package's own XLA options are tested on.
 from semflow_jax import xla_options  # noqa: E402  (after XLA_FLAGS: the package appends its defaults to them)
 
-if version("jaxlib").startswith(xla_options.TESTED_JAXLIB):
+if xla_options.on_tested_jaxlib():
     os.environ["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"
 os.environ["SEMFLOW_CACHE"] = tempfile.mkdtemp(prefix="semflow_cache_")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="semflow_xla_"))

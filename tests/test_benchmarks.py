@@ -82,8 +82,8 @@ def test_data_benchmark_measures_both_paths(tmp_path):
 def test_suite_quick_measures_every_promised_number(tmp_path):
     """benchmarks/suite.py --quick (JAX alone, as CI has no torch): the JSON and the Markdown report."""
     out = tmp_path / "suite"
-    # The suite's devices, as a laptop user has them (the 8 simulated ones only cost compile time here), and
-    # its compile options (-O0).
+    # The package's own CPU device split, as a laptop user gets it (the 8 simulated ones only cost compile
+    # time here), and this suite's compile options (-O0, the elemental emitter).
     flags = " ".join(f for f in os.environ["XLA_FLAGS"].split() if "device_count" not in f)
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
     proc = subprocess.run(
