@@ -1,24 +1,30 @@
 """glibc malloc settings the package sets by default where the CPU does the work: keep freed memory mapped.
 
-XLA:CPU allocates each call's temporary buffer anew (tens to hundreds of MiB for a UNet pass) and frees it
-when the call ends. With glibc's defaults a buffer that large is mapped fresh from the OS on every call and
-unmapped after it, so every call pays page faults and the kernel zeroing the pages again: about 4% of a lone
-forward pass of the mid model (113 MiB per call). `import semflow_jax` therefore calls
-mallopt(M_MMAP_MAX, 0) (serve large blocks from malloc's heaps, not from per-block mappings) and
-mallopt(M_TRIM_THRESHOLD, 1 GiB) (keep up to that much freed memory at the top of a heap instead of
-returning it), so the next call reuses the same pages. Measured on a 2-core CPU (benchmarks/suite.py, worker
-sampler-<size>, alternating processes): one mid forward pass 503-519 ms against 530-547, shapes 145 against
-149-151, the 25-step sampler the same or up to 4% faster, memory paged in per forward pass 0 MiB against
-112-128, peak memory the same. Not M_ARENA_MAX=1 (yet): one heap for all threads also keeps the train step's
-buffers of more than 64 MiB, but made the sampler 3-8% slower, and 29% slower on a machine with AMX with
-the PyTorch twin in the process (docs/PERFORMANCE.md, "Each framework in its own process").
+XLA:CPU allocates each call's temporary buffer anew (tens to hundreds of MiB for a UNet pass, 836 MiB per
+device for the mid model's train step) and frees it when the call ends. With glibc's defaults a buffer that
+large is mapped fresh from the OS on every call and unmapped after it, so every call pays page faults and the
+kernel zeroing the pages again. `import semflow_jax` therefore calls mallopt(M_MMAP_MAX, 0) (serve large
+blocks from malloc's heaps, not from per-block mappings), mallopt(M_TRIM_THRESHOLD, 1 GiB) (keep up to that
+much freed memory at the top of a heap instead of returning it) and mallopt(M_TOP_PAD, 64 MiB) (a thread heap
+that has become empty is kept, not deleted), so the next call reuses the same pages. Measured on a 2-core CPU
+(benchmarks/suite.py, worker sampler-<size>, alternating processes): one mid forward pass 503-519 ms against
+530-547, shapes 145 against 149-151, memory paged in per forward pass 0 MiB against 112-128.
+
+Those settings cannot keep a block larger than the 64 MiB a thread's heap holds: glibc maps such a block on
+its own and unmaps it when it is freed, whatever mallopt says, and XLA's worker threads are not the main one.
+XLA:CPU hands a program all its temporaries as one block, so `compiler_options()` also asks XLA to split them
+into heaps of at most 63 MiB (`xla_multiheap_size_constraint_per_heap`), which the train step
+(semflow_jax/train.py) is compiled with: the mid train step then pages in 0 MiB per step against 1.7 GB, its
+kernel time per step drops from 0.7 s to 0.01 s and the step is 9-15% faster (docs/PERFORMANCE.md). A single
+buffer larger than 63 MiB still gets its own block, is mapped as before, and XLA says so in one warning line
+per such buffer when it compiles. Not M_ARENA_MAX=1: one heap for all threads makes the train step and the
+sampler slower (docs/PERFORMANCE.md).
 
 What it costs: freed memory up to the threshold stays with the process instead of going back to the OS (a
-heap's peak stays resident). Blocks that a thread's heap cannot hold (over 64 MiB) are still mapped per
-block. Applied only on Linux with glibc, where the CPU runs the computation (the same test as the XLA
-defaults), and not where the user chose: SEMFLOW_MALLOC_DEFAULTS=0, glibc's MALLOC_MMAP_MAX_,
+heap's peak stays resident). Applied only on Linux with glibc, where the CPU runs the computation (the same
+test as the XLA defaults), and not where the user chose: SEMFLOW_MALLOC_DEFAULTS=0, glibc's MALLOC_MMAP_MAX_,
 MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_ or MALLOC_TOP_PAD_ variables, glibc.malloc.* tunables in
-GLIBC_TUNABLES, or another malloc in LD_PRELOAD.
+GLIBC_TUNABLES, or another malloc in LD_PRELOAD; then `compiler_options()` is empty too.
 """
 
 from __future__ import annotations
@@ -29,10 +35,20 @@ import sys
 
 # mallopt parameter numbers from glibc's malloc.h.
 M_TRIM_THRESHOLD = -1
+M_TOP_PAD = -2
 M_MMAP_MAX = -4
 # Blocks kept after a free: above a thread heap's 64 MiB, so a freed XLA temporary buffer is always kept there.
 TRIM_THRESHOLD = 1 << 30
-SETTINGS = (("M_MMAP_MAX", M_MMAP_MAX, 0), ("M_TRIM_THRESHOLD", M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+# A thread heap (at most 64 MiB) is deleted once empty unless its arena's free room is under this pad: with a
+# whole heap's worth, no heap is ever deleted, so the heaps of a split temporary block (below) are kept.
+TOP_PAD = 64 << 20
+SETTINGS = (
+    ("M_MMAP_MAX", M_MMAP_MAX, 0),
+    ("M_TRIM_THRESHOLD", M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+    ("M_TOP_PAD", M_TOP_PAD, TOP_PAD),
+)
+# XLA's temporaries in blocks that fit a thread heap: 64 MiB less room for the heap's header and alignment.
+HEAP_PIECE = 63 << 20
 # What apply() set in this process, for the benchmarks' record: names and values.
 APPLIED: dict[str, int] = {}
 
@@ -76,3 +92,11 @@ def apply(environ=None) -> dict[str, int]:
         if mallopt(param, value) == 1:  # 1 is success; a refused value leaves glibc's default in place
             APPLIED[name] = value
     return dict(APPLIED)
+
+
+def compiler_options() -> dict:
+    """XLA compiler options for a program whose temporaries exceed a thread heap (the train step), given the
+    settings above: split them into blocks glibc keeps. Empty where the settings were not applied."""
+    if APPLIED.get("M_TOP_PAD") != TOP_PAD or APPLIED.get("M_MMAP_MAX") != 0:
+        return {}
+    return {"xla_multiheap_size_constraint_per_heap": HEAP_PIECE}

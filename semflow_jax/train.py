@@ -20,7 +20,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from semflow_jax import cache, checkpoint, config_lib, distributed, flow, sharding
+from semflow_jax import cache, checkpoint, config_lib, distributed, flow, malloc_options, sharding
 from semflow_jax.data import pipeline
 from semflow_jax.errors import SemFlowError
 from semflow_jax.metric_writer import MetricWriter
@@ -232,6 +232,9 @@ def build_training(config, mesh, init: bool = True):
         in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=(0,),
+        # On a CPU under the package's malloc settings: the step's temporaries in blocks malloc keeps between
+        # steps, not one block mapped and faulted in afresh on every step (semflow_jax/malloc_options.py).
+        compiler_options=malloc_options.compiler_options() or None,
     )
     if not init:
         return model, sharding.with_shardings(abstract, state_sharding), state_sharding, train_step

@@ -272,6 +272,62 @@ def test_freed_large_blocks_are_reused_not_mapped_again():
     assert mib_paged_in_again(MALLOC_TRIM_THRESHOLD_="131072") > 40  # the user's own setting wins
 
 
+# A program whose temporaries (eight 16 MiB arrays, live together) exceed the 64 MiB a thread's malloc heap
+# holds, jitted as the train step is, run on XLA's threads: what each call pages in once the heaps are warm.
+_SPLIT = """
+import resource, jax, jax.numpy as jnp, semflow_jax
+from semflow_jax import malloc_options
+def f(x):
+    ys = jax.lax.optimization_barrier(tuple(jnp.sin(x * (i + 1)) for i in range(8)))
+    return sum(jnp.sum(y) for y in ys)
+g = jax.jit(f, compiler_options=malloc_options.compiler_options() or None)
+x = jnp.ones((2048, 2048), jnp.float32)
+temp = g.lower(x).compile().memory_analysis().temp_size_in_bytes
+for _ in range(10):
+    g(x).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    g(x).block_until_ready()
+print(temp >> 20, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) * resource.getpagesize() // 5 >> 20)
+"""
+
+
+@pytest.mark.skipif(not _on_glibc(), reason="the malloc settings are glibc's; nothing is set elsewhere")
+def test_temporaries_larger_than_a_thread_heap_are_kept_between_calls():
+    def temp_and_mib_paged_in_per_call(**env):
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("SEMFLOW_MALLOC", "MALLOC_"))}
+        env = {**base, "XLA_FLAGS": "", **env}  # the package's own device split, as users run it
+        proc = subprocess.run(
+            [sys.executable, "-c", _SPLIT], cwd=ROOT, capture_output=True, text=True, env=env
+        )
+        assert proc.returncode == 0, proc.stderr
+        return tuple(int(v) for v in proc.stdout.split())
+
+    temp, paged = temp_and_mib_paged_in_per_call()
+    assert temp >= 128 and paged < 8  # split into heap-sized blocks, which malloc keeps
+    # The mallopt settings alone (the user's own here, so no split is asked for): one 128 MiB block, which glibc
+    # maps afresh on every call whatever they say.
+    temp, paged = temp_and_mib_paged_in_per_call(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(1 << 30))
+    assert temp >= 128 and paged >= 100
+
+
+def test_the_train_step_is_compiled_with_the_malloc_compiler_options(monkeypatch):
+    import jax
+
+    from configs import shapes as shapes_config
+    from semflow_jax import malloc_options, sharding, train
+    from semflow_jax.data import pipeline
+
+    option = {"xla_multiheap_size_constraint_per_heap": 40 << 20}
+    monkeypatch.setattr(malloc_options, "compiler_options", lambda: option)
+    config = shapes_config.get_config("tiny")
+    mesh = sharding.mesh_from_config((("data", 1), ("fsdp", 1)), jax.devices()[:1])
+    _, template, _, step = train.build_training(config, mesh, init=False)
+    host = next(pipeline.train_iterator(config))
+    lowered = step.lower(template, {k: sharding.to_global(host[k], mesh) for k in ("image", "label")})
+    assert set(option.items()) <= set(lowered._lowering._compiler_options_kvs)  # jax 0.10's Lowered
+
+
 def test_malloc_defaults_only_where_the_cpu_computes_and_the_user_did_not_choose(monkeypatch):
     from semflow_jax import malloc_options, xla_options
 
