@@ -256,16 +256,21 @@ def _on_glibc():
     return malloc_options.glibc()
 
 
+def _run_without_malloc_env(script: str, **env) -> str:
+    """stdout of script in a fresh Python whose environment has no malloc settings of ours or glibc's, plus env."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SEMFLOW_MALLOC", "MALLOC_"))}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, env={**base, **env}
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
 # The settings exist only in glibc's malloc (the package sets nothing on macOS, Windows or musl); CI runs on glibc.
 @pytest.mark.skipif(not _on_glibc(), reason="the malloc settings are glibc's; nothing is set elsewhere")
 def test_freed_large_blocks_are_reused_not_mapped_again():
     def mib_paged_in_again(**env):
-        base = {k: v for k, v in os.environ.items() if not k.startswith(("SEMFLOW_MALLOC", "MALLOC_"))}
-        proc = subprocess.run(
-            [sys.executable, "-c", _REUSE], cwd=ROOT, capture_output=True, text=True, env={**base, **env}
-        )
-        assert proc.returncode == 0, proc.stderr
-        return int(proc.stdout) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        return int(_run_without_malloc_env(_REUSE, **env)) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
     assert mib_paged_in_again() < 4  # the package's defaults: the same pages again
     assert mib_paged_in_again(SEMFLOW_MALLOC_DEFAULTS="0") > 40  # glibc's: all 48 MiB mapped and faulted anew
@@ -298,13 +303,8 @@ print(temp >> 20, sorted(paged)[len(paged) // 2])
 @pytest.mark.skipif(not _on_glibc(), reason="the malloc settings are glibc's; nothing is set elsewhere")
 def test_temporaries_larger_than_a_thread_heap_are_kept_between_calls():
     def temp_and_mib_paged_in_per_call(**env):
-        base = {k: v for k, v in os.environ.items() if not k.startswith(("SEMFLOW_MALLOC", "MALLOC_"))}
-        env = {**base, "XLA_FLAGS": "", **env}  # the package's own device split, as users run it
-        proc = subprocess.run(
-            [sys.executable, "-c", _SPLIT], cwd=ROOT, capture_output=True, text=True, env=env
-        )
-        assert proc.returncode == 0, proc.stderr
-        return tuple(int(v) for v in proc.stdout.split())
+        # XLA_FLAGS empty: the package's own device split, as users run it.
+        return tuple(int(v) for v in _run_without_malloc_env(_SPLIT, XLA_FLAGS="", **env).split())
 
     temp, paged = temp_and_mib_paged_in_per_call()
     assert temp >= 128 and paged < 16  # split into heap-sized blocks, which malloc keeps
