@@ -52,7 +52,19 @@ def conv_calls(model, params, z, t) -> list[tuple[dict, str]]:
 
     from semflow_jax.models import velocity_fn
 
-    walk(jax.make_jaxpr(lambda p: velocity_fn(model, p)(z, t))(params).jaxpr)
+    # Traced with the 3x3 convolutions themselves: on a CPU the wide ones run forward as Winograd's six 3x1
+    # convolutions (models/layers.py, `use_winograd`) but backward as the 3x3 convolution's gradients, and
+    # the twin's list pairs each layer with one convolution; the forward rows then time those layers as XLA's
+    # convolution, not as JAX's step runs them.
+    saved = os.environ.get("SEMFLOW_WINOGRAD")
+    os.environ["SEMFLOW_WINOGRAD"] = "0"
+    try:
+        walk(jax.make_jaxpr(lambda p: velocity_fn(model, p)(z, t))(params).jaxpr)
+    finally:
+        if saved is None:
+            del os.environ["SEMFLOW_WINOGRAD"]
+        else:
+            os.environ["SEMFLOW_WINOGRAD"] = saved
     return calls
 
 

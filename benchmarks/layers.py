@@ -9,6 +9,8 @@ give the same values first:
 - GroupNorm -> SiLU -> 3x3 convolution with flax's nn.GroupNorm vs `layers.GroupNorm(silu=True)`;
 - the decoder's ResBlock on [h, skip]: concatenated first (jnp.concatenate) vs read part by part
   (`layers.Conv` / `layers.Dense` of parts);
+- GroupNorm-SiLU then a 3x3 convolution of 128 channels: flax's nn.Conv vs `layers.Conv`, which on the CPU
+  computes it as `layers.winograd_conv3x3` (Winograd F(4, 3) along the width, XLA's gradients);
 - flax's nn.MultiHeadDotProductAttention vs the UNet's (`unet.SelfAttention` with jax.nn.dot_product_attention);
 - in bfloat16, flax's nn.Conv (XLA's bfloat16 convolution) vs `layers.Conv` and the upsampling, which on a CPU
   with AMX run as `layers.amx_conv` (products on AMX; elsewhere the same convolution as flax's); these agree
@@ -75,6 +77,16 @@ def cases():
             block = unet.ResBlock(self.features, 8, name="block")
             return block(parts if self.ours else jnp.concatenate(parts, axis=-1), temb)
 
+    class WideConv(nn.Module):  # the UNet's GroupNorm-SiLU on both sides, then the convolution
+        ours: bool
+        features: int
+
+        @nn.compact
+        def __call__(self, x):
+            h = layers.GroupNorm(8, silu=True, name="norm")(x)
+            conv = layers.Conv if self.ours else nn.Conv
+            return conv(self.features, (3, 3), name="conv")(h)
+
     def attention(ours):  # the same parameters: flax's module, and the UNet's with jax.nn's lowering
         if ours:
             return unet.SelfAttention(2, attention_fn=unet.dot_product_attention)
@@ -97,6 +109,8 @@ def cases():
                 ((64, 32, 32, 64), (64, 32, 32, 32), 32),
             )
         ],
+        ("GroupNorm-SiLU-conv, Winograd", (16, 32, 32, 128), WideConv(False, 128), WideConv(True, 128)),
+        ("GroupNorm-SiLU-conv, Winograd", (16, 16, 16, 128), WideConv(False, 128), WideConv(True, 128)),
         ("self-attention, 2 heads", (16, 256, 128), attention(False), attention(True)),
         ("self-attention, 2 heads", (64, 64, 128), attention(False), attention(True)),
     ]

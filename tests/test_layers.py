@@ -391,3 +391,117 @@ def test_unet_attention_is_flax_multi_head_attention(fast):
     np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5)
     g = [jax.grad(lambda p, m=m: jnp.sum(jnp.sin(m.apply(p, x))))(params) for m in (ours, ref)]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *g)
+
+
+def _conv3x3(x, kernel):
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), "SAME", dimension_numbers=_NHWC, precision="highest"
+    )
+
+
+@pytest.mark.parametrize(
+    "shape, features, split",
+    [((2, 8, 16, 128), 128, None), ((1, 5, 12, 130), 140, 50), ((2, 3, 4, 7), 5, None), ((1, 6, 8, 9), 4, 3)],
+)
+def test_winograd_conv3x3_is_the_convolution_and_has_its_gradients(shape, features, split):
+    """Winograd F(4, 3) along the width (of one array or of channel parts) is the SAME 3x3 convolution to a
+    few 1e-6 of its scale; winograd_conv3x3's gradients are XLA's convolution gradients, and the transposed
+    Winograd steps (winograd_forward under jax.grad) give them too."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    kernel = jnp.asarray(
+        rng.standard_normal((3, 3, shape[-1], features)) / np.sqrt(9 * shape[-1]), jnp.float32
+    )
+    want = _conv3x3(x, kernel)
+    scale = float(jnp.max(jnp.abs(want)))
+    arg = x if split is None else (x[..., :split], x[..., split:])
+    for f in (layers.winograd_conv3x3, layers.winograd_forward):
+        got = f(arg, kernel)
+        assert got.shape == want.shape and got.dtype == jnp.float32
+        assert float(jnp.max(jnp.abs(got - want))) < 1e-5 * scale
+    ct = jnp.asarray(rng.standard_normal(want.shape), jnp.float32)
+    g_want = jax.grad(lambda x, k: jnp.sum(_conv3x3(x, k) * ct), argnums=(0, 1))(x, kernel)
+    for f in (layers.winograd_conv3x3, layers.winograd_forward):
+        if split is None:
+            g = jax.grad(lambda x, k, f=f: jnp.sum(f(x, k) * ct), argnums=(0, 1))(x, kernel)
+        else:
+            g = jax.grad(lambda x, k, f=f: jnp.sum(f((x[..., :split], x[..., split:]), k) * ct), (0, 1))(
+                x, kernel
+            )
+        for a, b in zip(g, g_want, strict=True):
+            assert float(jnp.max(jnp.abs(a - b))) < 1e-5 * float(jnp.max(jnp.abs(b)))
+
+
+def test_winograd_conv3x3_refuses_other_kernels_and_widths():
+    with pytest.raises(ValueError, match="3x3 kernel and a width divisible by 4"):
+        layers.winograd_conv3x3(jnp.zeros((1, 4, 6, 2)), jnp.zeros((3, 3, 2, 2)))
+    with pytest.raises(ValueError, match="3x3 kernel"):
+        layers.winograd_conv3x3(jnp.zeros((1, 4, 8, 2)), jnp.zeros((1, 3, 2, 2)))
+
+
+def test_use_winograd_covers_wide_float32_same_3x3_convolutions_on_the_cpu(monkeypatch):
+    """The rule Conv follows: float32, 3x3, stride 1, SAME, >= 128 channels in and out, width a multiple of
+    4, on the CPU backend, unless SEMFLOW_WINOGRAD=0."""
+    monkeypatch.delenv("SEMFLOW_WINOGRAD", raising=False)
+    args = dict(
+        dtype=jnp.float32, in_channels=128, features=128, width=32, kernel_size=(3, 3), strides=(1, 1)
+    )
+    assert jax.default_backend() == "cpu"
+    assert layers.use_winograd(**args, padding="SAME")
+    assert layers.use_winograd(**args, padding=1)
+    for change in (
+        {"dtype": jnp.bfloat16},
+        {"in_channels": 64},
+        {"features": 127},
+        {"width": 30},
+        {"kernel_size": (1, 1)},
+        {"strides": (2, 2)},
+    ):
+        assert not layers.use_winograd(**{**args, **change}, padding="SAME"), change
+    assert not layers.use_winograd(**args, padding="VALID")
+    monkeypatch.setenv("SEMFLOW_WINOGRAD", "0")
+    assert not layers.use_winograd(**args, padding="SAME")
+
+
+def _conv_windows(fn, *args):
+    """The kernel window (height, width) of every convolution in fn's jaxpr, sub-jaxprs included."""
+    found, todo = [], list(jax.make_jaxpr(fn)(*args).jaxpr.eqns)
+    while todo:
+        e = todo.pop(0)
+        if e.primitive.name == "conv_general_dilated":
+            found.append(tuple(e.invars[1].aval.shape[:2]))
+        for v in e.params.values():
+            inner = getattr(v, "jaxpr", v)  # a ClosedJaxpr's jaxpr, or a Jaxpr itself
+            todo.extend(getattr(inner, "eqns", []))
+    return found
+
+
+@pytest.mark.parametrize("switched_off", [False, True])
+def test_wide_conv_runs_as_winograd_unless_switched_off(monkeypatch, switched_off):
+    """layers.Conv of 128 channels (one array or parts) traces six 3x1 convolutions per part, with nn.Conv's
+    parameters, values to float rounding and gradients; SEMFLOW_WINOGRAD=0 keeps the 3x3 convolution."""
+    monkeypatch.setenv("SEMFLOW_WINOGRAD", "0" if switched_off else "1")
+    a = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 8, 64))
+    b = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 8, 64))
+    ref, ours = nn.Conv(128, (3, 3)), layers.Conv(128, (3, 3))
+    params = ref.init(jax.random.PRNGKey(2), jnp.concatenate([a, b], -1))
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(3), p.shape), params)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(2), (a, b))) == jax.tree.map(
+        jnp.shape, params
+    )
+    windows = _conv_windows(lambda p: ours.apply(p, (a, b)), params)
+    assert windows == ([(3, 3)] * 2 if switched_off else [(3, 1)] * 12)
+
+    def whole(p):
+        return ref.apply(p, jnp.concatenate([a, b], -1))
+
+    def parts(p):
+        return ours.apply(p, (a, b))
+
+    want = whole(params)
+    np.testing.assert_allclose(parts(params), want, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+    g = [jax.grad(lambda p, f=f: jnp.sum(jnp.sin(f(p))))(params) for f in (parts, whole)]
+    for x, y in zip(
+        jax.tree.leaves(g[0]), jax.tree.leaves(g[1]), strict=True
+    ):  # to 1e-5 of each leaf's scale
+        assert float(jnp.max(jnp.abs(x - y))) < 1e-5 * float(jnp.max(jnp.abs(y)))

@@ -18,6 +18,11 @@ channel concatenation as its parts, they compute one product per part, summed; w
 this lets the decoder's ResBlocks read [h, skip] without ever writing the concatenated array (on a 2-core
 CPU the mid model's 25-step sampler and train step about 2% faster).
 
+`winograd_conv3x3` is a float32 3x3 convolution computed with Winograd's F(4, 3) along the width: six
+3x1 convolutions of transformed column tiles do the work of the 3x3 one with half the multiply-adds, the
+transforms being additions only. `Conv` uses it on the CPU for layers of 128 channels or more in and out
+(`use_winograd`), where it made the mid model's sampler about 10% faster; SEMFLOW_WINOGRAD=0 turns it off.
+
 `amx_conv` is a bfloat16 stride-1 convolution whose backward pass (and, for wide layers, forward pass) is
 products with float32 results, which XLA:CPU hands to YNNPACK's AMX kernels (its bfloat16 convolutions have no
 AMX path, and their gradients are slow); `Conv` and `upsample_conv` use it in bfloat16 where
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -213,6 +219,165 @@ def _padding(padding):
     return tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
 
 
+# Winograd F(4, 3) in one dimension: four outputs of a 3-tap filter from a tile of six inputs with six
+# products instead of twelve. _WINO_G transforms the filter (applied to the kernel, once per call, in float32);
+# the input and output transforms (B^T and A^T of Lavin & Gray, arXiv:1509.09308) are written out as additions
+# in `_winograd_input` / `_winograd_output`: XLA:CPU would hand each scalar constant of a multiplication to
+# YNNPACK as a materialized activation-sized array (see `group_norm`).
+_WINO_G = np.array(
+    [
+        [1 / 4, 0, 0],
+        [-1 / 6, -1 / 6, -1 / 6],
+        [-1 / 6, 1 / 6, -1 / 6],
+        [1 / 24, 1 / 12, 1 / 6],
+        [1 / 24, -1 / 12, 1 / 6],
+        [0, 0, 1],
+    ],
+    np.float64,
+)
+WINOGRAD_TILE = 4  # outputs per tile along the width
+# Layers with at least this many input and output channels run as `winograd_conv3x3` on the CPU. Measured on
+# the 2-core Xeon (one core, GroupNorm-SiLU before and bias and residual after, as in a ResBlock; speed-up
+# over XLA's convolution): batch 8, 128->128 at 32x32 and 16x16 1.31-1.32x, at 8x8 1.02x, 256->256 at 32x32
+# 1.47x, 64->128 at 32x32 1.10x, but 64->64 and 128->64 at 64x64 0.89-0.91x (the transforms' passes over
+# memory weigh more against fewer channels); batch 1-2, 320->320 at 64x64 1.39x, 128->128 and 256->256 at
+# 128x128 1.15x / 1.30x, 128->128 at 256x256 0.95x. docs/PERFORMANCE.md has the whole-model numbers.
+WINOGRAD_MIN_CHANNELS = 128
+
+
+def _twice(a):
+    return a + a
+
+
+def _winograd_input(d):
+    """B^T d for the six column slices d0..d5 of each tile, additions only: the six transformed inputs."""
+    d0, d1, d2, d3, d4, d5 = d
+    a, b = d4 - d2, d3 - d1
+    c, e = d4 - _twice(_twice(d2)), d3 - _twice(_twice(d1))
+    return (
+        _twice(_twice(d0 - d2)) + a,  # 4 d0 - 5 d2 + d4
+        c + e,  # -4 d1 - 4 d2 + d3 + d4
+        c - e,  # 4 d1 - 4 d2 - d3 + d4
+        a + _twice(b),  # -2 d1 - d2 + 2 d3 + d4
+        a - _twice(b),  # 2 d1 - d2 - 2 d3 + d4
+        _twice(_twice(d1 - d3)) + (d5 - d3),  # 4 d1 - 5 d3 + d5
+    )
+
+
+def _winograd_output(m):
+    """A^T m for the six products m0..m5: the tile's four outputs, additions only."""
+    m0, m1, m2, m3, m4, m5 = m
+    s12, d12, s34, d34 = m1 + m2, m1 - m2, m3 + m4, m3 - m4
+    return (
+        m0 + s12 + s34,
+        d12 + _twice(d34),
+        s12 + _twice(_twice(s34)),
+        d12 + _twice(_twice(_twice(d34))) + m5,
+    )
+
+
+def winograd_conv3x3(x, kernel):
+    """`winograd_forward`'s convolution with the gradients of XLA's: the same values up to float rounding.
+
+    Differentiated as lax.conv_general_dilated is (jax's transposed convolutions), not through the Winograd
+    steps: on the 2-core CPU the mid model's train step ran 1-2% slower with the transposed Winograd steps
+    than with XLA's convolution gradients, and at the same speed with this split (alternating in one
+    process)."""
+    return _winograd_conv(as_parts(x), kernel)
+
+
+def _direct_conv_of_parts(parts, kernel):
+    out, start = None, 0
+    for p in parts:
+        k = kernel[:, :, start : start + p.shape[-1]]
+        start += p.shape[-1]
+        y = jax.lax.conv_general_dilated(p, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        out = y if out is None else out + y
+    return out
+
+
+@jax.custom_vjp
+def _winograd_conv(parts, kernel):
+    return winograd_forward(parts, kernel)
+
+
+def _winograd_conv_fwd(parts, kernel):
+    return winograd_forward(parts, kernel), (parts, kernel)
+
+
+def _winograd_conv_bwd(saved, g):
+    return jax.vjp(_direct_conv_of_parts, *saved)[1](g)
+
+
+_winograd_conv.defvjp(_winograd_conv_fwd, _winograd_conv_bwd)
+
+
+def winograd_forward(x, kernel):
+    """The SAME, stride-1 3x3 convolution of x [N, H, W, C] (or a tuple of channel parts, as `Conv` takes
+    them) with kernel [3, 3, C, F], W a multiple of WINOGRAD_TILE, in x's dtype, by Winograd's F(4, 3) along
+    the width.
+
+    Each row of four outputs reads a tile of six input columns; the tiles' transformed columns (six arrays
+    [N, H, W / 4, C], additions of column slices) each go through a 3x1 convolution over the rows with the
+    correspondingly transformed kernel, and the six results combine into the four output columns. 18 instead
+    of 36 multiply-adds per output pixel, input and output channel, in contractions over 3C as deep as the
+    3x3 convolution's 9C is. Equal to lax.conv_general_dilated up to float rounding (relative error a few
+    1e-6 in float32: the transforms' coefficients reach 8 and 1/24); jax differentiates it through the
+    transposed steps (`winograd_conv3x3` takes XLA's convolution gradients instead)."""
+    parts = as_parts(x)
+    n, h, w, _ = parts[0].shape
+    if kernel.shape[:2] != (3, 3) or w % WINOGRAD_TILE:
+        raise ValueError(
+            f"winograd_conv3x3 needs a 3x3 kernel and a width divisible by {WINOGRAD_TILE}, "
+            f"got kernel {kernel.shape[:2]} and width {w}"
+        )
+    tiles = w // WINOGRAD_TILE
+    # The filter transformed along its columns: [6, 3 (rows), C, F] as six 3x1 kernels.
+    g = jnp.einsum("mk,ikcf->micf", _WINO_G.astype(np.float32), kernel.astype(jnp.float32)).astype(
+        parts[0].dtype
+    )
+    products, start = None, 0
+    for p in parts:
+        c = p.shape[-1]
+        # Columns padded by one on the left (SAME) and to whole tiles on the right, then split into tiles of
+        # four: tile j's six input columns are its own four and the next tile's first two.
+        cols = jnp.pad(p, ((0, 0), (0, 0), (1, (tiles + 1) * WINOGRAD_TILE - w - 1), (0, 0)))
+        cols = cols.reshape(n, h, tiles + 1, WINOGRAD_TILE, c)
+        d = [cols[:, :, :tiles, k] for k in range(WINOGRAD_TILE)] + [cols[:, :, 1:, k] for k in range(2)]
+        m = [
+            jax.lax.conv_general_dilated(
+                t,
+                g[i, :, None, start : start + c],
+                (1, 1),
+                ((1, 1), (0, 0)),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )
+            for i, t in enumerate(_winograd_input(d))
+        ]
+        products = m if products is None else [a + b for a, b in zip(products, m, strict=True)]
+        start += c
+    # Output column 4j + k is the tile's k-th output: [N, H, W / 4, 4, F] -> [N, H, W, F].
+    return jnp.stack(_winograd_output(products), axis=3).reshape(n, h, w, kernel.shape[-1])
+
+
+def use_winograd(dtype, in_channels: int, features: int, width: int, kernel_size, strides, padding) -> bool:
+    """Whether `Conv` computes this convolution as `winograd_conv3x3`: on the CPU backend, in float32, a SAME
+    stride-1 3x3 convolution of at least WINOGRAD_MIN_CHANNELS channels in and out whose width is a multiple
+    of WINOGRAD_TILE, unless $SEMFLOW_WINOGRAD is 0 (read when the layer is traced)."""
+    from semflow_jax import xla_options
+
+    return (
+        jnp.dtype(dtype) == jnp.float32
+        and tuple(kernel_size) == (3, 3)
+        and tuple(strides) == (1, 1)
+        and padding in ("SAME", 1, ((1, 1), (1, 1)))
+        and min(in_channels, features) >= WINOGRAD_MIN_CHANNELS
+        and width % WINOGRAD_TILE == 0
+        and not xla_options.switched_off(os.environ, "SEMFLOW_WINOGRAD")
+        and jax.default_backend() == "cpu"
+    )
+
+
 # bfloat16 convolutions on a CPU with AMX (`dots_reach_amx`) run as `amx_conv`. Its forward pass is products
 # (`_conv_as_dots`) where input and output both have at least DOTS_FORWARD_MIN_CHANNELS channels, XLA's
 # convolution otherwise. Measured on one core of a Xeon with AMX, batch 8, forward: 128->128 at 32x32 and 16x16
@@ -373,6 +538,13 @@ class Conv(nn.Module):
         c = sum(p.shape[-1] for p in parts)
         kernel = self.param("kernel", self.kernel_init, (*self.kernel_size, c, self.features), jnp.float32)
 
+        dtype = self.dtype or jnp.result_type(*parts)
+        if use_winograd(
+            dtype, c, self.features, parts[0].shape[2], self.kernel_size, self.strides, self.padding
+        ):
+            out = winograd_conv3x3(tuple(p.astype(dtype) for p in parts), kernel.astype(dtype))
+            return _bias_added(self, out, (self.features,), dtype)
+
         pads = _amx_padding(self.padding, tuple(self.kernel_size))
         amx = (
             tuple(self.strides) == (1, 1)
@@ -429,10 +601,6 @@ def _sum_of_parts(module, parts, kernel, product, in_axis=-2, bias_shape=None):
     """Σ_i product(part_i, the kernel's rows for part i) (+ bias), in the module's dtype: the shared body of
     Conv and Dense. The kernel's `in_axis` holds the input channels; the bias has shape bias_shape (default:
     the kernel's last axis), the output's trailing axes."""
-    bias = None
-    if module.use_bias:
-        shape = (kernel.shape[-1],) if bias_shape is None else tuple(bias_shape)
-        bias = module.param("bias", nn.initializers.zeros_init(), shape, jnp.float32)
     dtype = module.dtype or jnp.result_type(*parts)
     # Several parts accumulate in float32 and round once, as one product over the concatenation does. The
     # price, in bfloat16 only: jax's transpose of a float32-result product casts the weights to float32, so
@@ -444,6 +612,11 @@ def _sum_of_parts(module, parts, kernel, product, in_axis=-2, bias_shape=None):
         start += p.shape[-1]
         y = product(p.astype(dtype), k, acc)
         out = y if out is None else out + y
-    if bias is not None:
-        out = add_bias(out, bias)
+    return _bias_added(module, out, (kernel.shape[-1],) if bias_shape is None else tuple(bias_shape), dtype)
+
+
+def _bias_added(module, out, shape, dtype):
+    """out + the module's "bias" parameter of `shape` (if it has one, added as `add_bias` does), in dtype."""
+    if module.use_bias:
+        out = add_bias(out, module.param("bias", nn.initializers.zeros_init(), shape, jnp.float32))
     return out.astype(dtype)
