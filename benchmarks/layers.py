@@ -9,8 +9,8 @@ give the same values first:
 - GroupNorm -> SiLU -> 3x3 convolution with flax's nn.GroupNorm vs `layers.GroupNorm(silu=True)`;
 - the decoder's ResBlock on [h, skip]: concatenated first (jnp.concatenate) vs read part by part
   (`layers.Conv` / `layers.Dense` of parts);
-- GroupNorm-SiLU then a 3x3 convolution of 128 channels: flax's nn.Conv vs `layers.Conv`, which on the CPU
-  computes it as `layers.winograd_conv3x3` (Winograd F(4, 3) along the width, XLA's gradients);
+- GroupNorm-SiLU then a 3x3 convolution of 128 channels: flax's nn.Conv vs `layers.Conv(winograd=True)`
+  (`layers.winograd_conv3x3`: Winograd F(4, 3) along the width, XLA's gradients);
 - flax's nn.MultiHeadDotProductAttention vs the UNet's (`unet.SelfAttention` with jax.nn.dot_product_attention);
 - in bfloat16, flax's nn.Conv (XLA's bfloat16 convolution) vs `layers.Conv` and the upsampling, which on a CPU
   with AMX run as `layers.amx_conv` (products on AMX; elsewhere the same convolution as flax's); these agree
@@ -84,8 +84,9 @@ def cases():
         @nn.compact
         def __call__(self, x):
             h = layers.GroupNorm(8, silu=True, name="norm")(x)
-            conv = layers.Conv if self.ours else nn.Conv
-            return conv(self.features, (3, 3), name="conv")(h)
+            if self.ours:  # Winograd whatever `layers.use_winograd` would say
+                return layers.Conv(self.features, (3, 3), winograd=True, name="conv")(h)
+            return nn.Conv(self.features, (3, 3), name="conv")(h)
 
     def attention(ours):  # the same parameters: flax's module, and the UNet's with jax.nn's lowering
         if ours:

@@ -459,8 +459,26 @@ def test_use_winograd_covers_wide_float32_same_3x3_convolutions_on_the_cpu(monke
     ):
         assert not layers.use_winograd(**{**args, **change}, padding="SAME"), change
     assert not layers.use_winograd(**args, padding="VALID")
+    assert not layers.use_winograd(
+        **args, padding=[(1, 1), (1, 1)]
+    )  # not a form it recognizes: the plain conv
     monkeypatch.setenv("SEMFLOW_WINOGRAD", "0")
     assert not layers.use_winograd(**args, padding="SAME")
+
+
+def test_conv_winograd_field_forces_either_form_and_refuses_what_it_cannot_compute():
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, 4, 8, 3))
+    for winograd, windows in ((True, [(3, 1)] * 6), (False, [(3, 3)])):
+        m = layers.Conv(4, (3, 3), winograd=winograd)
+        params = m.init(jax.random.PRNGKey(1), x)
+        assert _conv_windows(lambda p, m=m: m.apply(p, x), params) == windows
+    ref = nn.Conv(4, (3, 3)).apply(params, x)
+    got = layers.Conv(4, (3, 3), winograd=True).apply(params, x)
+    assert float(jnp.max(jnp.abs(got - ref))) < 1e-5 * float(jnp.max(jnp.abs(ref)))
+    with pytest.raises(ValueError, match="winograd=True.*width 6"):
+        layers.Conv(4, (3, 3), winograd=True).init(jax.random.PRNGKey(1), jnp.zeros((1, 4, 6, 3)))
+    with pytest.raises(ValueError, match=r"winograd=True.*strides \(2, 2\)"):
+        layers.Conv(4, (3, 3), (2, 2), winograd=True).init(jax.random.PRNGKey(1), x)
 
 
 def _conv_windows(fn, *args):

@@ -21,7 +21,8 @@ CPU the mid model's 25-step sampler and train step about 2% faster).
 `winograd_conv3x3` is a float32 3x3 convolution computed with Winograd's F(4, 3) along the width: six
 3x1 convolutions of transformed column tiles do the work of the 3x3 one with half the multiply-adds, the
 transforms being additions only. `Conv` uses it on the CPU for layers of 128 channels or more in and out
-(`use_winograd`), where it made the mid model's sampler about 10% faster; SEMFLOW_WINOGRAD=0 turns it off.
+(`use_winograd`): the mid model's sampler about 10% faster on 2 cores. SEMFLOW_WINOGRAD=0 turns it off;
+`Conv(winograd=...)` chooses per layer.
 
 `amx_conv` is a bfloat16 stride-1 convolution whose backward pass (and, for wide layers, forward pass) is
 products with float32 results, which XLA:CPU hands to YNNPACK's AMX kernels (its bfloat16 convolutions have no
@@ -360,19 +361,32 @@ def winograd_forward(x, kernel):
     return jnp.stack(_winograd_output(products), axis=3).reshape(n, h, w, kernel.shape[-1])
 
 
+def winograd_applies(kernel_size, strides, padding, width: int) -> bool:
+    """Whether `winograd_conv3x3` can compute this convolution: SAME, stride 1, 3x3, width a multiple of 4."""
+    return (
+        tuple(kernel_size) == (3, 3)
+        and tuple(strides) == (1, 1)
+        and isinstance(padding, (str, int, tuple))
+        and padding in ("SAME", 1, ((1, 1), (1, 1)))
+        and width % WINOGRAD_TILE == 0
+    )
+
+
 def use_winograd(dtype, in_channels: int, features: int, width: int, kernel_size, strides, padding) -> bool:
-    """Whether `Conv` computes this convolution as `winograd_conv3x3`: on the CPU backend, in float32, a SAME
-    stride-1 3x3 convolution of at least WINOGRAD_MIN_CHANNELS channels in and out whose width is a multiple
-    of WINOGRAD_TILE, unless $SEMFLOW_WINOGRAD is 0 (read when the layer is traced)."""
+    """Whether `Conv` computes this convolution as `winograd_conv3x3` by default: on the CPU backend, in
+    float32, a convolution `winograd_applies` to with at least WINOGRAD_MIN_CHANNELS channels in and out,
+    unless $SEMFLOW_WINOGRAD is 0 (read when the layer is traced).
+
+    Measured in the whole mid model (its sampler about 10% faster with the CPU split into two devices and
+    on one device alike). A lone 128-channel layer on one device spanning both cores gains nothing (XLA's
+    3x3 convolution splits over the threads better than the six small 3x1 ones: 0.92-1.00x); the rule
+    follows the whole model, where users feel it (docs/PERFORMANCE.md)."""
     from semflow_jax import xla_options
 
     return (
         jnp.dtype(dtype) == jnp.float32
-        and tuple(kernel_size) == (3, 3)
-        and tuple(strides) == (1, 1)
-        and padding in ("SAME", 1, ((1, 1), (1, 1)))
         and min(in_channels, features) >= WINOGRAD_MIN_CHANNELS
-        and width % WINOGRAD_TILE == 0
+        and winograd_applies(kernel_size, strides, padding, width)
         and not xla_options.switched_off(os.environ, "SEMFLOW_WINOGRAD")
         and jax.default_backend() == "cpu"
     )
@@ -531,6 +545,9 @@ class Conv(nn.Module):
     use_bias: bool = True
     dtype: Any = None
     kernel_init: Any = nn.initializers.lecun_normal()
+    # None: `use_winograd` decides (float32 on the CPU, wide layers); True / False: always / never compute it
+    # as `winograd_conv3x3`.
+    winograd: Any = None
 
     @nn.compact
     def __call__(self, x):
@@ -539,9 +556,20 @@ class Conv(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (*self.kernel_size, c, self.features), jnp.float32)
 
         dtype = self.dtype or jnp.result_type(*parts)
-        if use_winograd(
-            dtype, c, self.features, parts[0].shape[2], self.kernel_size, self.strides, self.padding
+        winograd = self.winograd
+        if winograd is None:
+            winograd = use_winograd(
+                dtype, c, self.features, parts[0].shape[2], self.kernel_size, self.strides, self.padding
+            )
+        elif winograd and not winograd_applies(
+            self.kernel_size, self.strides, self.padding, parts[0].shape[2]
         ):
+            raise ValueError(
+                f"Conv(winograd=True) needs a SAME, stride-1 3x3 convolution of a width divisible by "
+                f"{WINOGRAD_TILE}; got kernel {tuple(self.kernel_size)}, strides {tuple(self.strides)}, "
+                f"padding {self.padding!r}, width {parts[0].shape[2]}"
+            )
+        if winograd:
             out = winograd_conv3x3(tuple(p.astype(dtype) for p in parts), kernel.astype(dtype))
             return _bias_added(self, out, (self.features,), dtype)
 
