@@ -234,7 +234,7 @@ _WINO_G = np.array(
         [1 / 24, -1 / 12, 1 / 6],
         [0, 0, 1],
     ],
-    np.float64,
+    np.float32,
 )
 WINOGRAD_TILE = 4  # outputs per tile along the width
 # Layers with at least this many input and output channels run as `winograd_conv3x3` on the CPU. Measured on
@@ -334,9 +334,7 @@ def winograd_forward(x, kernel):
         )
     tiles = w // WINOGRAD_TILE
     # The filter transformed along its columns: [6, 3 (rows), C, F] as six 3x1 kernels.
-    g = jnp.einsum("mk,ikcf->micf", _WINO_G.astype(np.float32), kernel.astype(jnp.float32)).astype(
-        parts[0].dtype
-    )
+    g = jnp.einsum("mk,ikcf->micf", _WINO_G, kernel.astype(jnp.float32)).astype(parts[0].dtype)
     products, start = None, 0
     for p in parts:
         c = p.shape[-1]
