@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import sys
@@ -41,31 +40,13 @@ if ROOT not in sys.path:
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import sd_setup  # noqa: E402  (benchmarks/, on sys.path as this script's folder)
 
-from semflow_jax import config_lib, sharding  # noqa: E402
+from semflow_jax import config_lib  # noqa: E402
 from semflow_jax.errors import atomic_write_bytes  # noqa: E402
-from semflow_jax.models import build_model  # noqa: E402
-from semflow_jax.train import init_state, make_optimizer, make_train_step  # noqa: E402
 
 GIB = 2**30
-# name: (compute dtype, remat, EMA decay, Adam first-moment dtype, FSDP devices)
-VARIANTS = {
-    "fp32_paper": ("float32", True, 0.0, "float32", 1),  # COCO's float32, no EMA (as the official code)
-    "bf16_remat_paper": ("bfloat16", True, 0.0, "float32", 1),  # the official optimizer state, bf16 compute
-    "bf16_remat": ("bfloat16", True, 0.9999, "float32", 1),  # plus an EMA copy
-    "bf16_remat_lean": ("bfloat16", True, 0.0, "bfloat16", 1),  # no EMA, Adam's first moment in bf16
-    "bf16_remat_fsdp8": ("bfloat16", True, 0.9999, "float32", 8),  # the EMA variant split over 8 devices
-}
-
-
-def sd15_folder(dst: str) -> str:
-    """A model.pretrained folder with SD 1.5's configs and a zero empty-prompt embedding (no weights)."""
-    configs = json.load(open(os.path.join(ROOT, "tests", "fixtures", "sd15_keys.json")))["configs"]
-    for kind in ("unet", "vae"):
-        os.makedirs(os.path.join(dst, kind), exist_ok=True)
-        json.dump(configs[kind], open(os.path.join(dst, kind, "config.json"), "w"))
-    np.save(os.path.join(dst, "empty_prompt.npy"), np.zeros((77, 768), np.float32))
-    return dst
+VARIANTS = sd_setup.VARIANTS
 
 
 def target_devices(target: str, n: int) -> list:
@@ -83,38 +64,20 @@ def measure(
 ) -> dict:
     """Compiles the train step of one variant for target; returns its per-device memory in GiB."""
     dtype, remat, ema_decay, mu_dtype, fsdp = VARIANTS[variant]
-    spec = importlib.util.spec_from_file_location("coco_config", os.path.join(ROOT, "configs", "coco.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(f"pretrained={pretrained}")
-    config.model.dtype, config.model.remat = dtype, remat
-    config.data.image_size, config.model.attention_chunk = image_size, attention_chunk
-    config.train.ema_decay, config.train.mu_dtype = ema_decay, mu_dtype
-    config.mesh = (("data", 1), ("fsdp", fsdp))
-    config.train.batch_size_per_device, config.train.batch_size = 0, fsdp
-    config = config_lib.validate(config)
+    config = sd_setup.coco_config(pretrained, variant, image_size, attention_chunk, batch_size=fsdp)
     mesh = jax.sharding.Mesh(
         np.asarray(target_devices(target, fsdp)).reshape(1, fsdp),
         ("data", "fsdp"),
         axis_types=(jax.sharding.AxisType.Auto,) * 2,
     )
-    model, tx = build_model(config), make_optimizer(config.train)
-    shapes = jax.eval_shape(lambda r: init_state(config, model, tx, r), jax.random.PRNGKey(0))
-    state_sharding = sharding.state_sharding(shapes, mesh, config.fsdp_min_size)
+    shapes, state_sharding, batch_sharding, step, _ = sd_setup.train_step(config, mesh)
     h, w = config_lib.image_hw(config)
-    batch_sharding = sharding.batch_sharding(mesh)
     batch = {
         "image": jax.ShapeDtypeStruct((fsdp, h, w, 3), np.uint8, sharding=batch_sharding),
         "label": jax.ShapeDtypeStruct((fsdp, h, w), np.uint8, sharding=batch_sharding),
     }
     state = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sharding
-    )
-    step = jax.jit(
-        make_train_step(config, model, tx, mesh),
-        in_shardings=(state_sharding, batch_sharding),
-        out_shardings=(state_sharding, sharding.replicated(mesh)),
-        donate_argnums=(0,),
     )
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
@@ -174,7 +137,7 @@ def main() -> int:
         return 2
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        pretrained = sd15_folder(tmp)
+        pretrained = sd_setup.model_folder(tmp, "sd15")
         for name in names:
             results[name] = r = measure(pretrained, name, args.target, args.image_size, args.attention_chunk)
             print(

@@ -23,7 +23,7 @@ TIME_SCALE = 1000.0
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """[N] -> [N, dim], cos then sin, as semflow_jax.models.unet.timestep_embedding."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * freqs[None, :]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     return F.pad(emb, (0, 1)) if dim % 2 else emb
@@ -227,7 +227,8 @@ class TrainStep:
     def __init__(self, model: UNet, config, anchors: np.ndarray, autocast_dtype=None):
         tc = config.train
         self.model = model
-        self.anchors = torch.as_tensor(np.asarray(anchors, np.float32))
+        self.device = next(model.parameters()).device  # the twin's device: its random draws are made there
+        self.anchors = torch.as_tensor(np.asarray(anchors, np.float32), device=self.device)
         self.beta = float(config.flow.beta)
         self.power, self.fraction = float(config.flow.time_power), float(config.flow.time_power_fraction)
         self.clip = float(tc.grad_clip)
@@ -241,13 +242,14 @@ class TrainStep:
 
     def __call__(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """One update on uint8 images [N, H, W, 3] and int64 labels [N, H, W]; returns the loss."""
-        n = image.shape[0]
+        n, device = image.shape[0], self.device
         z0 = image.float() / 127.5 - 1.0
-        z1 = self.anchors[label] + (torch.rand(z0.shape) * 2 - 1) * (self.beta / 127.5)
-        u = torch.rand(n)
-        t = torch.where(torch.rand(n) < self.fraction, u**self.power, u)
+        z1 = self.anchors[label] + (torch.rand(z0.shape, device=device) * 2 - 1) * (self.beta / 127.5)
+        u = torch.rand(n, device=device)
+        t = torch.where(torch.rand(n, device=device) < self.fraction, u**self.power, u)
         zt = (1 - t)[:, None, None, None] * z0 + t[:, None, None, None] * z1
-        with torch.autocast("cpu", dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+        autocast = self.autocast_dtype is not None
+        with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=autocast):
             v = self.model(zt, t * TIME_SCALE)
         loss = torch.mean((v.float() - (z1 - z0)) ** 2)
         self.opt.zero_grad(set_to_none=True)
@@ -268,8 +270,8 @@ def integrate(model: UNet, z: torch.Tensor, direction: float, num_steps: int, au
     h = 1.0 / num_steps
     n = z.shape[0]
     for i in range(num_steps):
-        t = torch.full((n,), t_start + direction * i * h)
-        with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        t = torch.full((n,), t_start + direction * i * h, device=z.device)
+        with torch.autocast(z.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             v = model(z, t * TIME_SCALE)
         z = z + direction * h * v.float()
     return z

@@ -157,28 +157,41 @@ def write_setup(path: str, config, params_f32, params_bf16, host_batches, z, anc
 class TorchSide:
     """The twin of one JAX side: same model and weights, same train step and Euler sampler."""
 
-    def __init__(self, config, unet: dict, params, host_batches, z, anchors, autocast_dtype=None):
+    def __init__(
+        self, config, unet: dict, params, host_batches, z, anchors, autocast_dtype=None, device="cpu"
+    ):
         import numpy as np
         import torch
         import torch_twin
 
-        self.torch, self.twin = torch, torch_twin
+        self.torch, self.twin, self.device = torch, torch_twin, torch.device(device)
         self.model = torch_twin.UNet(**unet)
         torch_twin.load_flax_params(self.model, params)
+        self.model.to(self.device)
         self.num_params = torch_twin.num_params(self.model)
         self.autocast = autocast_dtype
         self.step = torch_twin.TrainStep(self.model, config, anchors, autocast_dtype)
+        # The batches live on the twin's device already, as JAX's do on its own (the suite times steps,
+        # not host-to-device copies).
         self.batches = [
-            (torch.from_numpy(np.array(b["image"])), torch.from_numpy(np.array(b["label"], np.int64)))
+            (
+                torch.from_numpy(np.array(b["image"])).to(self.device),
+                torch.from_numpy(np.array(b["label"], np.int64)).to(self.device),
+            )
             for b in host_batches
         ]
-        self.z = torch.from_numpy(np.array(z))
+        self.z = torch.from_numpy(np.array(z)).to(self.device)
         self.count = 0
+
+    def synchronize(self):
+        """Waits for the work queued on the twin's device (a GPU runs asynchronously; a CPU does not)."""
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize(self.device)
 
     def forward_once(self):
         """One forward pass of the twin on the sampler batch at t = 0.5, as one step of its sampler."""
         with self.torch.inference_mode():
-            t = self.torch.full((self.z.shape[0],), 0.5 * self.twin.TIME_SCALE)
+            t = self.torch.full((self.z.shape[0],), 0.5 * self.twin.TIME_SCALE, device=self.device)
             return self.model(self.z, t)
 
     def train(self, steps: int):
@@ -236,8 +249,9 @@ class TwinHandler:
         self.f32 = self.bf16 = None
         self.convs = []
 
-    def op_setup(self, path: str) -> dict:
-        """Builds the float32 and bfloat16 twins; the twin's version, threads, size and its parity with JAX."""
+    def op_setup(self, path: str, device: str = "cpu") -> dict:
+        """Builds the float32 and bfloat16 twins on `device` ("cpu", "cuda", "cuda:1", ...); the twin's
+        version, threads, device, size and its parity with JAX."""
         import ml_collections
         import numpy as np
         import torch
@@ -245,19 +259,33 @@ class TwinHandler:
         with open(path, "rb") as f:
             data = pickle.load(f)
         config = ml_collections.ConfigDict(data["config"])
+        if torch.device(device).type == "cuda":
+            if not torch.cuda.is_available():
+                raise RuntimeError(f"device {device!r} asked for, but this torch sees no CUDA GPU")
+            # Fixed shapes: let cuDNN pick its fastest algorithms, as a PyTorch user timing a GPU would.
+            torch.backends.cudnn.benchmark = True
 
         def side(params, dtype=None):
             batches, z, anchors = data["host_batches"], data["z"], data["anchors"]
-            return TorchSide(config, data["unet"], params, batches, z, anchors, dtype)
+            return TorchSide(config, data["unet"], params, batches, z, anchors, dtype, device)
 
         self.f32 = side(data["params_f32"])
         if data["params_bf16"] is not None:
             self.bf16 = side(data["params_bf16"], torch.bfloat16)
         v_jax = data["v_jax"]
-        v_twin = self.f32.forward_once().numpy()
+        v_twin = self.f32.forward_once().cpu().numpy()
         return {
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "device": str(self.f32.device),
+            "device_name": torch.cuda.get_device_name(self.f32.device)
+            if self.f32.device.type == "cuda"
+            else None,
+            # What float32 means on a GPU: cuDNN convolutions may use TF32 by default, matmuls by this flag.
+            "tf32": {
+                "cudnn": bool(torch.backends.cudnn.allow_tf32),
+                "matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+            },
             "num_params": self.f32.num_params,
             # max |v_jax - v_twin| / max |v_jax| on the sampler batch at t = 0.5, same weights
             "parity_max_rel_diff": float(np.abs(v_jax - v_twin).max() / max(np.abs(v_jax).max(), 1e-12)),
@@ -277,7 +305,13 @@ class TwinHandler:
         }
         if self.f32 is None or (key.endswith("bf16") and self.bf16 is None):
             raise RuntimeError(f"setup has not built the twin that {key!r} needs")
-        return window(runs[key])
+        side = self.bf16 if key.endswith("bf16") else self.f32
+
+        def run():  # the window ends when the device has done the work, not when it was queued
+            runs[key]()
+            side.synchronize()
+
+        return window(run)
 
     def op_setup_convs(self, specs: list[dict]) -> int:
         """Builds one lone convolution per spec (see `torch_convolution`); returns how many."""

@@ -126,6 +126,58 @@ def test_suite_quick_measures_every_promised_number(tmp_path):
     assert "CPU time per JAX window, user + system" in report
 
 
+def test_accelerator_benchmark_runs_its_parts_on_any_backend(tmp_path):
+    """benchmarks/accelerator.py --quick on this CPU: the measured matmul rates and the SD-sized step (tiny
+    SD models here), FLOPs from XLA's cost analysis, the report; the twin comparison is the suite's
+    measure_size (tested above), so its part is left out here to keep the suite's time."""
+    out = tmp_path / "acc" / "accelerator"  # a folder that does not exist yet
+    flags = " ".join(f for f in os.environ["XLA_FLAGS"].split() if "device_count" not in f)  # the package's 2
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/accelerator.py", "--quick", "--no-torch", "--parts=peak,sd15", f"--out={out}"],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "acc" / "accelerator.json").read_text())
+    assert result["environment"]["backend"] == "cpu" and set(result["parts"]) == {"peak", "sd15"}
+    peak, sd = result["parts"]["peak"], result["parts"]["sd15"]
+    assert _positive(peak["bfloat16_flops_per_sec"]) and _positive(peak["float32_flops_per_sec"])
+    assert peak["published_bf16_flops_per_sec"] is None  # a CPU is not in the table
+    assert sd["model"] == "tiny" and sd["compute_dtype"] == "bfloat16" and sd["remat"] is False
+    assert sd["latent_size"] == [16, 16]  # the tiny VAE halves the 32^2 images
+    r = sd["images_per_sec"]
+    assert 0 < r["min"] <= r["median"] <= r["max"]
+    assert sd["step_sec"] == pytest.approx(sd["devices"] * sd["batch_per_device"] / r["median"])
+    assert _positive(sd["flops_per_step"])
+    assert sd["flops_per_sec"] == pytest.approx(sd["flops_per_step"] / sd["step_sec"])
+    report = (tmp_path / "acc" / "accelerator.md").read_text()
+    assert (
+        "## SD-1.5-sized train step (tiny, bf16_paper" in report and "of the measured bfloat16 rate" in report
+    )
+
+
+def test_accelerator_benchmark_refuses_bad_settings_in_one_line(tmp_path):
+    for bad, named in (("--parts=peak,nope", "part 'nope'"), ("--sd_variant=fp8", "SD variant 'fp8'"),
+                       ("--sd_batch=0", "--sd_batch=0")):  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "benchmarks/accelerator.py", bad, f"--out={tmp_path / 'x'}"],
+            cwd=ROOT, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 2 and named in proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith("benchmarks/accelerator.py: error:")
+        assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_published_peaks_match_device_kinds():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import accelerator
+
+    assert accelerator.published_bf16_peak("NVIDIA H200") == 989e12
+    assert accelerator.published_bf16_peak("NVIDIA H100 PCIe") == 756e12  # before the SXM part's "H100"
+    assert accelerator.published_bf16_peak("TPU v5 lite") == 197e12  # before "TPU v5" (v5p)
+    assert accelerator.published_bf16_peak("cpu") is None
+
+
 def test_with_device_count_replaces_or_adds_the_option():
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import suite
