@@ -80,7 +80,8 @@ def measure_peak(n: int, repeats: int, calls_per_window: int = 10) -> dict:
 
 
 def measure_sd15(model: str, variant: str, image_size: int, batch: int, steps: int, repeats: int) -> dict:
-    """The SD-1.5-sized train step on all default devices (data parallel): images/s, FLOPs, FLOP/s, memory."""
+    """The SD-1.5-sized train step on all default devices (data parallel, the state split over the variant's
+    FSDP devices): images/s, FLOPs, FLOP/s, memory."""
     import jax
     import numpy as np
     import sd_setup
@@ -90,11 +91,13 @@ def measure_sd15(model: str, variant: str, image_size: int, batch: int, steps: i
     from semflow_jax import config_lib, sharding
     from semflow_jax.models import flow_shape
 
-    devices = jax.device_count()
+    devices, fsdp = jax.device_count(), sd_setup.VARIANTS[variant][4]
+    if devices % fsdp:
+        raise ValueError(f"variant {variant} shards its state over {fsdp} devices; there are {devices}")
     with tempfile.TemporaryDirectory() as tmp:  # the model folder is read again while the step is traced
         folder = sd_setup.model_folder(tmp, model)
         config = sd_setup.coco_config(folder, variant, image_size, batch_size=batch * devices)
-        config.mesh = (("data", devices), ("fsdp", 1))
+        config.mesh = (("data", devices // fsdp), ("fsdp", fsdp))
         config = config_lib.validate(config)
         mesh = sharding.mesh_from_config(config.mesh)
         _, _, batch_sharding, step, init = sd_setup.train_step(config, mesh)

@@ -168,6 +168,24 @@ def test_accelerator_benchmark_refuses_bad_settings_in_one_line(tmp_path):
         assert not list(tmp_path.iterdir())  # nothing written
 
 
+def test_a_failing_accelerator_part_is_one_line_in_the_report_and_exit_1(tmp_path):
+    out = tmp_path / "accelerator"
+    flags = " ".join(f for f in os.environ["XLA_FLAGS"].split() if "device_count" not in f)  # 2 devices
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/accelerator.py", "--quick", "--parts=sd15", "--sd_variant=bf16_remat_fsdp8",
+         f"--out={out}"],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == f"accelerator.py: error: parts failed: sd15 (see {out}.md)"
+    failure = json.loads((tmp_path / "accelerator.json").read_text())["parts"]["sd15"]
+    assert (
+        failure == "failed: ValueError: variant bf16_remat_fsdp8 shards its state over 8 devices; there are 2"
+    )
+    assert f"Part `sd15`: {failure}" in (tmp_path / "accelerator.md").read_text()
+
+
 def test_published_peaks_match_device_kinds():
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import accelerator
