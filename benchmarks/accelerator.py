@@ -99,8 +99,8 @@ def measure_sd15(model: str, variant: str, image_size: int, batch: int, steps: i
         config.mesh = (("data", devices // fsdp), ("fsdp", fsdp))
         config = config_lib.validate(config)
         mesh = sharding.mesh_from_config(config.mesh)
-        _, _, batch_sharding, step, init = sd_setup.train_step(config, mesh)
-        state = init(jax.random.PRNGKey(0))
+        abstract, state_sharding, batch_sharding, step = sd_setup.train_step(config, mesh)
+        state = sd_setup.random_state(abstract, state_sharding)
         h, w = config_lib.image_hw(config)
         rng = np.random.default_rng(0)
         host = {
@@ -116,8 +116,10 @@ def measure_sd15(model: str, variant: str, image_size: int, batch: int, steps: i
     flops = per_device * devices if per_device else None
     memory = compiled.memory_analysis()
 
+    metrics = {}
+
     def window():
-        nonlocal state
+        nonlocal state, metrics
         for _ in range(steps):
             state, metrics = compiled(state, data)
         jax.block_until_ready((state, metrics))
@@ -142,6 +144,9 @@ def measure_sd15(model: str, variant: str, image_size: int, batch: int, steps: i
         "flops_per_step": flops,
         "flops_per_sec": flops / step_sec if flops else None,
         "temp_gib_per_device": getattr(memory, "temp_size_in_bytes", 0) / 2**30 if memory else None,
+        # The last step's loss and gradient norm: finite, or the step timed was not computing what it should.
+        "last_loss": float(metrics["loss"]),
+        "last_grad_norm": float(metrics["grad_norm"]),
     }
 
 

@@ -70,7 +70,7 @@ def measure(
         ("data", "fsdp"),
         axis_types=(jax.sharding.AxisType.Auto,) * 2,
     )
-    shapes, state_sharding, batch_sharding, step, _ = sd_setup.train_step(config, mesh)
+    shapes, state_sharding, batch_sharding, step = sd_setup.train_step(config, mesh)
     h, w = config_lib.image_hw(config)
     batch = {
         "image": jax.ShapeDtypeStruct((fsdp, h, w, 3), np.uint8, sharding=batch_sharding),

@@ -148,7 +148,7 @@ def test_accelerator_benchmark_runs_its_parts_on_any_backend(tmp_path):
     r = sd["images_per_sec"]
     assert 0 < r["min"] <= r["median"] <= r["max"]
     assert sd["step_sec"] == pytest.approx(sd["devices"] * sd["batch_per_device"] / r["median"])
-    assert _positive(sd["flops_per_step"])
+    assert _positive(sd["flops_per_step"]) and _positive(sd["last_loss"]) and _positive(sd["last_grad_norm"])
     assert sd["flops_per_sec"] == pytest.approx(sd["flops_per_step"] / sd["step_sec"])
     report = (tmp_path / "acc" / "accelerator.md").read_text()
     assert (
