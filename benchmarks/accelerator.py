@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import statistics
 import sys
@@ -127,6 +128,9 @@ def measure_sd15(model: str, variant: str, image_size: int, batch: int, steps: i
     window()  # the first steps: autotuning and allocation
     rates = [steps * batch * devices / timed(window) for _ in range(repeats)]
     step_sec = batch * devices / statistics.median(rates)
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # a step that diverged is not the step to time
+        raise FloatingPointError(f"the SD-sized step's loss {loss} / gradient norm {grad_norm} is not finite")
     return {
         "model": model,
         "variant": variant,
@@ -144,9 +148,8 @@ def measure_sd15(model: str, variant: str, image_size: int, batch: int, steps: i
         "flops_per_step": flops,
         "flops_per_sec": flops / step_sec if flops else None,
         "temp_gib_per_device": getattr(memory, "temp_size_in_bytes", 0) / 2**30 if memory else None,
-        # The last step's loss and gradient norm: finite, or the step timed was not computing what it should.
-        "last_loss": float(metrics["loss"]),
-        "last_grad_norm": float(metrics["grad_norm"]),
+        "last_loss": loss,
+        "last_grad_norm": grad_norm,
     }
 
 
@@ -186,7 +189,8 @@ def markdown(result: dict) -> str:
     if peak:
         lines.append(
             f"Matmul rate measured here ({peak['matmul_size']}^3): bfloat16 "
-            f"{_rate(peak['bfloat16_flops_per_sec'])}, float32 {_rate(peak['float32_flops_per_sec'])}; "
+            f"{_rate(peak['bfloat16_flops_per_sec'])}, float32 at jax's default precision (TF32 on NVIDIA "
+            f"GPUs) {_rate(peak['float32_flops_per_sec'])}; "
             f"published dense bfloat16 peak {_rate(peak['published_bf16_flops_per_sec'])}."
         )
     errors = {k: v for k, v in parts.items() if isinstance(v, str)}
