@@ -239,8 +239,6 @@ def markdown(result: dict) -> str:
                 else "not reported."
             ),
         ]
-    elif isinstance(sd, str):
-        pass  # already listed with the errors
     return "\n".join(lines) + "\n"
 
 

@@ -21,6 +21,7 @@ import json
 import os
 import statistics
 import sys
+from unittest import mock
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -56,15 +57,8 @@ def conv_calls(model, params, z, t) -> list[tuple[dict, str]]:
     # convolutions (models/layers.py, `use_winograd`) but backward as the 3x3 convolution's gradients, and
     # the twin's list pairs each layer with one convolution; the forward rows then time those layers as XLA's
     # convolution, not as JAX's step runs them.
-    saved = os.environ.get("SEMFLOW_WINOGRAD")
-    os.environ["SEMFLOW_WINOGRAD"] = "0"
-    try:
+    with mock.patch.dict(os.environ, {"SEMFLOW_WINOGRAD": "0"}):
         walk(jax.make_jaxpr(lambda p: velocity_fn(model, p)(z, t))(params).jaxpr)
-    finally:
-        if saved is None:
-            del os.environ["SEMFLOW_WINOGRAD"]
-        else:
-            os.environ["SEMFLOW_WINOGRAD"] = saved
     return calls
 
 

@@ -66,7 +66,10 @@ def coco_config(
 
 
 def train_step(config, mesh):
-    """(abstract state, its shardings, the batch's sharding, the jitted donating train step) on mesh."""
+    """(abstract state, its shardings, the batch's sharding, the jitted donating train step) on mesh.
+
+    Not `train.build_training(init=False)`: that one adds the CPU's malloc compiler options, which would
+    change the buffer plan memory.py reports (for a TPU compiled ahead of time on this CPU too)."""
     import jax
 
     from semflow_jax import sharding
