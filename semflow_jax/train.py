@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+import warnings
 import zlib
 
 import jax
@@ -206,6 +207,13 @@ def make_train_step(config, model, tx, mesh=None):
     return train_step
 
 
+# What jax warns when the persistent cache cannot store the train step compiled with malloc_options'
+# compiler options (several temporary blocks).
+_UNCACHEABLE_STEP = (
+    r"Error writing persistent compilation cache entry for 'jit_train_step'.*Multiple temp buffer allocations"
+)
+
+
 def build_training(config, mesh, init: bool = True):
     """(model, state, state sharding, jitted train step) for config on mesh; the state is created sharded.
 
@@ -227,6 +235,13 @@ def build_training(config, mesh, init: bool = True):
 
     abstract = jax.eval_shape(init_fn, init_rng)
     state_sharding = sharding.state_sharding(abstract, mesh, config.fsdp_min_size)
+    options = malloc_options.compiler_options()
+    if options:
+        # XLA cannot serialize an executable whose temporaries come in several blocks, so the persistent
+        # compilation cache cannot keep this step and jax warns at every start that writing it failed. The
+        # step is then compiled at each start (9-12 s at `shapes` and mid), which the blocks' 15% per mid step
+        # repays within about 40 steps; the warning is noise to the user, so only this one is silenced.
+        warnings.filterwarnings("ignore", message=_UNCACHEABLE_STEP, category=UserWarning)
     train_step = jax.jit(
         make_train_step(config, model, tx, mesh),
         in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
@@ -234,7 +249,7 @@ def build_training(config, mesh, init: bool = True):
         donate_argnums=(0,),
         # On a CPU under the package's malloc settings: the step's temporaries in blocks malloc keeps between
         # steps, not one block mapped and faulted in afresh on every step (semflow_jax/malloc_options.py).
-        compiler_options=malloc_options.compiler_options() or None,
+        compiler_options=options or None,
     )
     if not init:
         return model, sharding.with_shardings(abstract, state_sharding), state_sharding, train_step
@@ -409,7 +424,8 @@ def main(argv):
     from absl import flags
 
     distributed.initialize_from_flags()
-    cache.enable_compilation_cache()  # a rerun or resume skips compiling what it compiled before
+    # A rerun or resume skips compiling what it compiled before (on the CPU, not the train step: build_training).
+    cache.enable_compilation_cache()
     train_and_checkpoint(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
