@@ -11,6 +11,14 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _package_device_env():
+    """This process's environment for a benchmark subprocess with the package's own CPU device split (2), as
+    a laptop user gets it (the 8 simulated ones only cost compile time there), and this suite's compile
+    options (-O0, the elemental emitter)."""
+    flags = " ".join(f for f in os.environ["XLA_FLAGS"].split() if "device_count" not in f)
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+
+
 def _positive(x):
     return isinstance(x, (int, float)) and x > 0
 
@@ -82,10 +90,7 @@ def test_data_benchmark_measures_both_paths(tmp_path):
 def test_suite_quick_measures_every_promised_number(tmp_path):
     """benchmarks/suite.py --quick (JAX alone, as CI has no torch): the JSON and the Markdown report."""
     out = tmp_path / "suite"
-    # The package's own CPU device split, as a laptop user gets it (the 8 simulated ones only cost compile
-    # time here), and this suite's compile options (-O0, the elemental emitter).
-    flags = " ".join(f for f in os.environ["XLA_FLAGS"].split() if "device_count" not in f)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+    env = _package_device_env()
     proc = subprocess.run(
         [sys.executable, "benchmarks/suite.py", "--quick", "--no-torch", f"--out={out}"],
         cwd=ROOT, capture_output=True, text=True, env=env, timeout=600,
@@ -131,8 +136,7 @@ def test_accelerator_benchmark_runs_its_parts_on_any_backend(tmp_path):
     SD models here), FLOPs from XLA's cost analysis, the report; the twin comparison is the suite's
     measure_size (tested above), so its part is left out here to keep the suite's time."""
     out = tmp_path / "acc" / "accelerator"  # a folder that does not exist yet
-    flags = " ".join(f for f in os.environ["XLA_FLAGS"].split() if "device_count" not in f)  # the package's 2
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+    env = _package_device_env()
     proc = subprocess.run(
         [sys.executable, "benchmarks/accelerator.py", "--quick", "--no-torch", "--parts=peak,sd15", f"--out={out}"],
         cwd=ROOT, capture_output=True, text=True, env=env, timeout=600,
@@ -170,8 +174,7 @@ def test_accelerator_benchmark_refuses_bad_settings_in_one_line(tmp_path):
 
 def test_a_failing_accelerator_part_is_one_line_in_the_report_and_exit_1(tmp_path):
     out = tmp_path / "accelerator"
-    flags = " ".join(f for f in os.environ["XLA_FLAGS"].split() if "device_count" not in f)  # 2 devices
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+    env = _package_device_env()  # 2 devices: too few for the variant's 8
     proc = subprocess.run(
         [sys.executable, "benchmarks/accelerator.py", "--quick", "--parts=sd15", "--sd_variant=bf16_remat_fsdp8",
          f"--out={out}"],

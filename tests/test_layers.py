@@ -459,9 +459,8 @@ def test_use_winograd_covers_wide_float32_same_3x3_convolutions_on_the_cpu(monke
     ):
         assert not layers.use_winograd(**{**args, **change}, padding="SAME"), change
     assert not layers.use_winograd(**args, padding="VALID")
-    assert not layers.use_winograd(
-        **args, padding=[(1, 1), (1, 1)]
-    )  # not a form it recognizes: the plain conv
+    # A list of pairs is not a form it recognizes: the plain convolution.
+    assert not layers.use_winograd(**args, padding=[(1, 1), (1, 1)])
     monkeypatch.setenv("SEMFLOW_WINOGRAD", "0")
     assert not layers.use_winograd(**args, padding="SAME")
 
