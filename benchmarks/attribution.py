@@ -32,12 +32,13 @@ import suite  # noqa: E402  (also puts the repository root on sys.path)
 def conv_calls(model, params, z, t) -> list[tuple[dict, str]]:
     """Every convolution of one forward pass in order: [(spec with the primitive's params, module path)]."""
     import jax
-    from jax.extend.core import jaxprs_in_params
+
+    from semflow_jax.aot import jaxprs
 
     calls = []
 
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
+    def walk(jaxpr):  # the CPU program's convolutions: of a platform-dependent choice, the CPU branch
+        for eqn, _ in jaxprs.equations(jaxpr, "cpu"):
             if eqn.primitive.name == "conv_general_dilated":
                 p = eqn.params
                 spec = {
@@ -48,8 +49,6 @@ def conv_calls(model, params, z, t) -> list[tuple[dict, str]]:
                     "params": p,
                 }
                 calls.append((spec, str(eqn.source_info.name_stack)))
-            for sub in jaxprs_in_params(eqn.params):
-                walk(sub)
 
     from semflow_jax.models import velocity_fn
 

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from semflow_jax.aot import jaxprs
 from semflow_jax.models import layers, unet
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -308,8 +309,9 @@ def test_amx_conv_is_the_convolution_and_its_gradients(shape, kernel, padding, d
         )
 
 
-def _ops(fn, *args) -> str:
-    return str(jax.make_jaxpr(fn)(*args))
+def _ops(fn, *args) -> list[str]:
+    """The primitives fn's CPU program runs (of a platform-dependent choice, the CPU branch)."""
+    return [eqn.primitive.name for eqn, _ in jaxprs.equations(jax.make_jaxpr(fn)(*args), "cpu")]
 
 
 def test_bfloat16_layers_run_as_amx_conv_where_dots_reach_amx(monkeypatch):
@@ -480,17 +482,13 @@ def test_conv_winograd_field_forces_either_form_and_refuses_what_it_cannot_compu
         layers.Conv(4, (3, 3), (2, 2), winograd=True).init(jax.random.PRNGKey(1), x)
 
 
-def _conv_windows(fn, *args):
-    """The kernel window (height, width) of every convolution in fn's jaxpr, sub-jaxprs included."""
-    found, todo = [], list(jax.make_jaxpr(fn)(*args).jaxpr.eqns)
-    while todo:
-        e = todo.pop(0)
-        if e.primitive.name == "conv_general_dilated":
-            found.append(tuple(e.invars[1].aval.shape[:2]))
-        for v in e.params.values():
-            inner = getattr(v, "jaxpr", v)  # a ClosedJaxpr's jaxpr, or a Jaxpr itself
-            todo.extend(getattr(inner, "eqns", []))
-    return found
+def _conv_windows(fn, *args, platform="cpu"):
+    """The kernel window (height, width) of every convolution in fn's program for `platform`."""
+    return [
+        tuple(e.invars[1].aval.shape[:2])
+        for e, _ in jaxprs.equations(jax.make_jaxpr(fn)(*args), platform)
+        if e.primitive.name == "conv_general_dilated"
+    ]
 
 
 @pytest.mark.parametrize("switched_off", [False, True])

@@ -28,6 +28,11 @@ transforms being additions only. `Conv` uses it on the CPU for layers of 128 cha
 products with float32 results, which XLA:CPU hands to YNNPACK's AMX kernels (its bfloat16 convolutions have no
 AMX path, and their gradients are slow); `Conv` and `upsample_conv` use it in bfloat16 where
 `dots_reach_amx()` (xla_options turns YNNPACK's dots on where the CPU has AMX).
+
+Every CPU-only form (Winograd, AMX, the sums over channel parts and the GroupNorm of parts) goes through one
+door, `on_cpu(cpu, plain, ...)`, a `jax.lax.platform_dependent` choice: a program compiled for a TPU or GPU
+holds only the plain form. `CPU_FORMS` names the CPU forms' functions; tests/test_tpu.py finds none of them
+in the compiled TPU programs' HLO, and finds them in the CPU ones.
 """
 
 from __future__ import annotations
@@ -55,29 +60,55 @@ def as_parts(x) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
+def concatenated(parts):
+    """The channel concatenation of a tuple of parts (the array itself for one part)."""
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+
+
+def on_cpu(cpu, plain, *args):
+    """cpu(*args) in a program compiled for the CPU, plain(*args) in one compiled for any other platform.
+
+    The one door of the CPU forms in this module (Winograd, `amx_conv`, sums over channel parts). The choice is
+    jax.lax.platform_dependent's: made when the program is lowered for its platform, not when it is traced,
+    so a train step or sampler compiled for a TPU or GPU, ahead of time on a CPU host too, holds only the
+    plain form (tests/test_tpu.py reads it back from the compiled program). cpu=None: plain everywhere."""
+    if cpu is None:
+        return plain(*args)
+    return jax.lax.platform_dependent(*args, cpu=cpu, default=plain)
+
+
 def upsample_conv(x, kernel, bias=None):
-    """Nearest x2 upsampling, then a SAME 3x3 convolution: x [N, H, W, C], kernel [3, 3, C, F] -> [N, 2H, 2W, F]."""
+    """Nearest x2 upsampling, then a SAME 3x3 convolution: x [N, H, W, C], kernel [3, 3, C, F] -> [N, 2H, 2W, F].
+
+    On the CPU in bfloat16 where products reach AMX (`_use_amx_conv`) the parities run as `amx_conv`; every
+    other platform and dtype runs XLA's convolutions (`on_cpu`)."""
     if kernel.shape[:2] != (3, 3):
         raise ValueError(f"upsample_conv needs a 3x3 kernel, got {kernel.shape[:2]}")
     n, h, w, _ = x.shape
-    # The folded kernels are summed in the parameters' precision, then cast to the compute dtype.
-    folded = jnp.einsum("aui,bvj,ijcf->abuvcf", _TAPS, _TAPS, kernel.astype(jnp.float32)).astype(x.dtype)
     c, f = kernel.shape[2:]
-    amx = _use_amx_conv(x.dtype, f)
 
-    def parity(a, b):  # the output pixels of row parity a and column parity b: [N, H, W, F]
-        pads = (_PAD[a], _PAD[b])
-        if amx:  # a float32 result: the bias is added before it is rounded, parity by parity
-            y = amx_conv(x, folded[a, b], pads, min(c, f) >= DOTS_FORWARD_MIN_CHANNELS)
-            return (y if bias is None else add_bias(y, bias)).astype(x.dtype)
-        return jax.lax.conv_general_dilated(
-            x, folded[a, b], (1, 1), pads, dimension_numbers=("NHWC", "HWIO", "NHWC")
-        )
+    def upsampled(parity):
+        def run(x, kernel, bias):
+            # The folded kernels are summed in the parameters' precision, then cast to the compute dtype.
+            folded = jnp.einsum("aui,bvj,ijcf->abuvcf", _TAPS, _TAPS, kernel.astype(jnp.float32))
+            folded = folded.astype(x.dtype)
+            # Each row parity's two column parities side by side: [N, H, W, 2, F].
+            rows = [jnp.stack([parity(x, folded[a, b], (_PAD[a], _PAD[b]), bias) for b in (0, 1)], axis=3)
+                    for a in (0, 1)]  # fmt: skip
+            return jnp.stack(rows, axis=2).reshape(n, 2 * h, 2 * w, f)  # [N, H, 2, W, 2, F] interleaved
 
-    # Each row parity's two column parities side by side: [N, H, W, 2, F].
-    rows = [jnp.stack([parity(a, b) for b in (0, 1)], axis=3) for a in (0, 1)]
-    y = jnp.stack(rows, axis=2).reshape(n, 2 * h, 2 * w, f)  # [N, H, 2, W, 2, F] interleaved
-    return y if bias is None or amx else add_bias(y, bias)
+        return run
+
+    def parity_conv(x, k, pads, bias):  # the output pixels of one row and column parity: [N, H, W, F]
+        y = jax.lax.conv_general_dilated(x, k, (1, 1), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y if bias is None else add_bias(y, bias)
+
+    def parity_amx(x, k, pads, bias):  # a float32 result: the bias is added before it is rounded
+        y = amx_conv(x, k, pads, min(c, f) >= DOTS_FORWARD_MIN_CHANNELS)
+        return (y if bias is None else add_bias(y, bias)).astype(x.dtype)
+
+    cpu = upsampled(parity_amx) if _use_amx_conv(x.dtype, f) else None
+    return on_cpu(cpu, upsampled(parity_conv), x, kernel, bias)
 
 
 class UpsampleConv(nn.Module):
@@ -179,12 +210,31 @@ class GroupNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         """x [N, ..., C], or a tuple of channel parts (normalized as their concatenation, returned as parts)."""
-        c = sum(p.shape[-1] for p in as_parts(x))
+        parts = as_parts(x)
+        c = sum(p.shape[-1] for p in parts)
         scale = self.param("scale", nn.initializers.ones_init(), (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros_init(), (c,), jnp.float32)
-        return group_norm(
-            x, scale, bias, self.num_groups, self.epsilon, self.use_fast_variance, self.dtype, self.silu
+        norm = functools.partial(
+            group_norm,
+            num_groups=self.num_groups,
+            epsilon=self.epsilon,
+            fast_variance=self.use_fast_variance,
+            dtype=self.dtype,
+            silu=self.silu,
         )
+        if not isinstance(x, (tuple, list)):
+            return norm(x, scale, bias)
+        offsets = np.cumsum([p.shape[-1] for p in parts])[:-1].tolist()
+
+        def plain(parts, scale, bias):  # the concatenation normalized, handed back as the same parts
+            return tuple(jnp.split(norm(concatenated(parts), scale, bias), offsets, axis=-1))
+
+        return on_cpu(functools.partial(_group_norm_of_parts, norm=norm), plain, parts, scale, bias)
+
+
+def _group_norm_of_parts(parts, scale, bias, norm):
+    """The CPU form of a GroupNorm of channel parts: part by part, the concatenation never built."""
+    return norm(tuple(parts), scale, bias)
 
 
 def add_bias(y, bias):
@@ -371,9 +421,9 @@ def winograd_applies(kernel_size, strides, padding, width: int) -> bool:
 
 
 def use_winograd(dtype, in_channels: int, features: int, width: int, kernel_size, strides, padding) -> bool:
-    """Whether `Conv` computes this convolution as `winograd_conv3x3` by default: on the CPU backend, in
-    float32, a convolution `winograd_applies` to with at least WINOGRAD_MIN_CHANNELS channels in and out,
-    unless $SEMFLOW_WINOGRAD is 0 (read when the layer is traced).
+    """Whether `Conv`'s CPU form of this convolution is `winograd_conv3x3` by default: in float32, a
+    convolution `winograd_applies` to with at least WINOGRAD_MIN_CHANNELS channels in and out, unless
+    $SEMFLOW_WINOGRAD is 0 (read when the layer is traced). Other platforms never run it (`on_cpu`).
 
     Measured in the whole mid model (its sampler about 10% faster with the CPU split into two devices and
     on one device alike). A lone 128-channel layer on one device spanning both cores gains nothing (XLA's
@@ -386,7 +436,6 @@ def use_winograd(dtype, in_channels: int, features: int, width: int, kernel_size
         and min(in_channels, features) >= WINOGRAD_MIN_CHANNELS
         and winograd_applies(kernel_size, strides, padding, width)
         and not xla_options.switched_off(os.environ, "SEMFLOW_WINOGRAD")
-        and jax.default_backend() == "cpu"
     )
 
 
@@ -406,12 +455,13 @@ AMX_CONV_MIN_FEATURES = 16
 
 
 def dots_reach_amx() -> bool:
-    """Whether bfloat16 products with float32 results run on AMX here: the CPU backend with XLA's YNNPACK dot
-    fusion on (`xla_options` turns it on where the CPU has AMX). There they run at 620-670 GFLOP/s per core
-    against 130-160 for XLA:CPU's bfloat16 convolutions and bfloat16-result dots."""
+    """Whether bfloat16 products with float32 results run on AMX in a CPU program here: XLA's YNNPACK dot
+    fusion is on (`xla_options` turns it on where the CPU has AMX). There they run at 620-670 GFLOP/s per core
+    against 130-160 for XLA:CPU's bfloat16 convolutions and bfloat16-result dots. Programs for other
+    platforms never run `amx_conv` (`on_cpu`)."""
     from semflow_jax import xla_options
 
-    return jax.default_backend() == "cpu" and "individual_dot" in xla_options.ynn_fusions()
+    return "individual_dot" in xla_options.ynn_fusions()
 
 
 def _shift_columns(y, s: int, width: int):
@@ -530,10 +580,12 @@ class Conv(nn.Module):
     """nn.Conv (NHWC, 2-D) with its parameters ("kernel" [kh, kw, C, F], "bias" [F]) and initial values, the
     bias added as `add_bias` does (in float32 where computing in bfloat16).
 
-    x may also be a tuple of channel parts: the result is then the convolution of their concatenation,
-    computed as one convolution per part with that part's rows of the kernel, summed, so the concatenation
-    is never written. In the UNet's decoder every ResBlock starts from [h, skip] concatenated; on XLA:CPU
-    building that array costs more than the second convolution's overhead (benchmarks/README.md).
+    x may also be a tuple of channel parts: the result is the convolution of their concatenation. On the CPU
+    it is computed as one convolution per part with that part's rows of the kernel, summed, so the
+    concatenation is never written (in the UNet's decoder every ResBlock starts from [h, skip]; on XLA:CPU
+    building that array costs more than the second convolution's overhead, benchmarks/README.md); there too
+    wide float32 layers run as `winograd_conv3x3` and bfloat16 ones as `amx_conv` where products reach AMX.
+    Every other platform convolves the concatenation with XLA's convolution (`on_cpu`).
     """
 
     features: int
@@ -543,8 +595,8 @@ class Conv(nn.Module):
     use_bias: bool = True
     dtype: Any = None
     kernel_init: Any = nn.initializers.lecun_normal()
-    # None: `use_winograd` decides (float32 on the CPU, wide layers); True / False: always / never compute it
-    # as `winograd_conv3x3`.
+    # None: `use_winograd` decides (float32, wide layers; CPU only); True / False: on the CPU always / never
+    # compute it as `winograd_conv3x3`.
     winograd: Any = None
 
     @nn.compact
@@ -552,51 +604,52 @@ class Conv(nn.Module):
         parts = as_parts(x)
         c = sum(p.shape[-1] for p in parts)
         kernel = self.param("kernel", self.kernel_init, (*self.kernel_size, c, self.features), jnp.float32)
-
+        bias = (
+            self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+            if self.use_bias
+            else None
+        )
         dtype = self.dtype or jnp.result_type(*parts)
+        strides, padding, width = tuple(self.strides), self.padding, parts[0].shape[2]
+
+        def convolve(p, k, acc=None):
+            return jax.lax.conv_general_dilated(
+                p, k, strides, _padding(padding), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                preferred_element_type=acc,
+            )  # fmt: skip
+
+        def plain(parts, kernel, bias):
+            return _biased(convolve(concatenated(parts).astype(dtype), kernel.astype(dtype)), bias, dtype)
+
         winograd = self.winograd
         if winograd is None:
-            winograd = use_winograd(
-                dtype, c, self.features, parts[0].shape[2], self.kernel_size, self.strides, self.padding
-            )
-        elif winograd and not winograd_applies(
-            self.kernel_size, self.strides, self.padding, parts[0].shape[2]
-        ):
+            winograd = use_winograd(dtype, c, self.features, width, self.kernel_size, strides, padding)
+        elif winograd and not winograd_applies(self.kernel_size, strides, padding, width):
             raise ValueError(
                 f"Conv(winograd=True) needs a SAME, stride-1 3x3 convolution of a width divisible by "
-                f"{WINOGRAD_TILE}; got kernel {tuple(self.kernel_size)}, strides {tuple(self.strides)}, "
-                f"padding {self.padding!r}, width {parts[0].shape[2]}"
+                f"{WINOGRAD_TILE}; got kernel {tuple(self.kernel_size)}, strides {strides}, "
+                f"padding {padding!r}, width {width}"
             )
+        pads = _amx_padding(padding, tuple(self.kernel_size))
         if winograd:
-            out = winograd_conv3x3(tuple(p.astype(dtype) for p in parts), kernel.astype(dtype))
-            return _bias_added(self, out, (self.features,), dtype)
+            cpu = functools.partial(_winograd_layer, dtype=dtype)
+        elif strides == (1, 1) and pads is not None and _use_amx_conv(dtype, self.features):
 
-        pads = _amx_padding(self.padding, tuple(self.kernel_size))
-        amx = (
-            tuple(self.strides) == (1, 1)
-            and pads is not None
-            and _use_amx_conv(self.dtype or jnp.result_type(*parts), self.features)
-        )
-
-        def product(p, k, acc):
-            if amx:  # float32 out; _sum_of_parts adds the bias and rounds once
+            def amx_product(p, k, acc):  # float32 out; _sum_of_parts adds the bias and rounds once
                 return amx_conv(p, k, pads, min(p.shape[-1], self.features) >= DOTS_FORWARD_MIN_CHANNELS)
-            return jax.lax.conv_general_dilated(
-                p,
-                k,
-                tuple(self.strides),
-                _padding(self.padding),
-                dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                preferred_element_type=acc,
-            )
 
-        return _sum_of_parts(self, parts, kernel, product)
+            cpu = functools.partial(_sum_of_parts, product=amx_product, dtype=dtype)
+        elif len(parts) > 1:
+            cpu = functools.partial(_sum_of_parts, product=convolve, dtype=dtype)
+        else:
+            cpu = None
+        return on_cpu(cpu, plain, parts, kernel, bias)
 
 
 class Dense(nn.Module):
     """nn.Dense, or nn.DenseGeneral over x's last `axes` axes with features a tuple, with their parameters and
     initial values, the bias added as `add_bias` does. x may be a tuple of channel parts (axes=1), as in
-    `Conv`: the UNet decoder's 1x1 skip projection of [h, skip]."""
+    `Conv`: the UNet decoder's 1x1 skip projection of [h, skip], one product per part on the CPU."""
 
     features: Any  # int, or a tuple: the kernel's trailing axes and the output's
     axes: int = 1
@@ -614,23 +667,42 @@ class Dense(nn.Module):
         kernel = self.param(
             "kernel", _flat_init(self.kernel_init, self.axes), (*inputs, *features), jnp.float32
         )
+        bias = (
+            self.param("bias", nn.initializers.zeros_init(), features, jnp.float32) if self.use_bias else None
+        )
+        dtype = self.dtype or jnp.result_type(*parts)
         n = self.axes
 
-        def product(p, k, acc):  # x's last n axes against the kernel's first n, as nn.DenseGeneral
+        def product(p, k, acc=None):  # x's last n axes against the kernel's first n, as nn.DenseGeneral
             dims = (tuple(range(p.ndim - n, p.ndim)), tuple(range(n))), ((), ())
             return jax.lax.dot_general(p, k, dims, preferred_element_type=acc)
 
-        return _sum_of_parts(self, parts, kernel, product, in_axis=n - 1, bias_shape=features)
+        def plain(parts, kernel, bias):
+            return _biased(product(concatenated(parts).astype(dtype), kernel.astype(dtype)), bias, dtype)
+
+        cpu = None
+        if len(parts) > 1:
+            cpu = functools.partial(_sum_of_parts, product=product, dtype=dtype, in_axis=n - 1)
+        return on_cpu(cpu, plain, parts, kernel, bias)
 
 
-def _sum_of_parts(module, parts, kernel, product, in_axis=-2, bias_shape=None):
-    """Σ_i product(part_i, the kernel's rows for part i) (+ bias), in the module's dtype: the shared body of
-    Conv and Dense. The kernel's `in_axis` holds the input channels; the bias has shape bias_shape (default:
-    the kernel's last axis), the output's trailing axes."""
-    dtype = module.dtype or jnp.result_type(*parts)
+def _biased(out, bias, dtype):
+    """out + bias (added as `add_bias` does) where there is one, in dtype."""
+    return (out if bias is None else add_bias(out, bias)).astype(dtype)
+
+
+def _winograd_layer(parts, kernel, bias, dtype):
+    """A Conv layer's CPU form as `winograd_conv3x3`, bias added, in dtype."""
+    out = winograd_conv3x3(tuple(p.astype(dtype) for p in parts), kernel.astype(dtype))
+    return _biased(out, bias, dtype)
+
+
+def _sum_of_parts(parts, kernel, bias, product, dtype, in_axis=-2):
+    """Σ_i product(part_i, the kernel's rows for part i) (+ bias), in dtype: the CPU form of Conv and Dense
+    of channel parts (and of their `amx_conv` products). The kernel's `in_axis` holds the input channels."""
     # Several parts accumulate in float32 and round once, as one product over the concatenation does. The
     # price, in bfloat16 only: jax's transpose of a float32-result product casts the weights to float32, so
-    # these backward products run in float32 (not measured on accelerators). One part is the plain product.
+    # these backward products run in float32. One part is the plain product.
     acc = jnp.float32 if len(parts) > 1 else None
     out, start = None, 0
     for p in parts:
@@ -638,11 +710,18 @@ def _sum_of_parts(module, parts, kernel, product, in_axis=-2, bias_shape=None):
         start += p.shape[-1]
         y = product(p.astype(dtype), k, acc)
         out = y if out is None else out + y
-    return _bias_added(module, out, (kernel.shape[-1],) if bias_shape is None else tuple(bias_shape), dtype)
+    return _biased(out, bias, dtype)
 
 
-def _bias_added(module, out, shape, dtype):
-    """out + the module's "bias" parameter of `shape` (if it has one, added as `add_bias` does), in dtype."""
-    if module.use_bias:
-        out = add_bias(out, module.param("bias", nn.initializers.zeros_init(), shape, jnp.float32))
-    return out.astype(dtype)
+# The CPU forms behind `on_cpu`: a program compiled for any other platform holds no operation made by these
+# (tests/test_tpu.py reads the compiled program's source frames).
+CPU_FORMS = (
+    "winograd_forward",
+    "_winograd_layer",
+    "_conv_as_dots",
+    "_amx_conv_bwd",
+    "amx_product",
+    "parity_amx",
+    "_sum_of_parts",
+    "_group_norm_of_parts",
+)

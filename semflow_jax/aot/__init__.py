@@ -1,0 +1,1 @@
+"""Ahead-of-time compilation for accelerators that are not attached: TPU slices planned from a CPU host."""
