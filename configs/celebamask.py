@@ -11,5 +11,5 @@ from semflow_jax.config_lib import apply_options, paper_config
 def get_config(arg=None):
     """The CelebAMask-HQ config; options: root=DIR (the dataset), pretrained=SD (semflow_jax.convert output)."""
     c = paper_config("celebamask", 19, 512, lr=2e-5, schedule="linear", warmup=500, steps=80_000,
-                     per_device_batch=32, dtype="bfloat16")  # fmt: skip
+                     per_device_batch=32, dtype="bfloat16", grad_accum=4)  # fmt: skip
     return apply_options(c, arg)

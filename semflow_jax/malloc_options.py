@@ -94,9 +94,10 @@ def apply(environ=None) -> dict[str, int]:
     return dict(APPLIED)
 
 
-def compiler_options() -> dict:
-    """XLA compiler options for a program whose temporaries exceed a thread heap (the train step), given the
-    settings above: split them into blocks glibc keeps. Empty where the settings were not applied."""
-    if APPLIED.get("M_TOP_PAD") != TOP_PAD or APPLIED.get("M_MMAP_MAX") != 0:
+def compiler_options(platform: str = "cpu") -> dict:
+    """XLA compiler options for a CPU program whose temporaries exceed a thread heap (the train step), given
+    the settings above: split them into blocks glibc keeps. Empty where the settings were not applied, and
+    for a program compiled for any other platform (a TPU's or GPU's memory is not malloc's)."""
+    if platform != "cpu" or APPLIED.get("M_TOP_PAD") != TOP_PAD or APPLIED.get("M_MMAP_MAX") != 0:
         return {}
     return {"xla_multiheap_size_constraint_per_heap": HEAP_PIECE}

@@ -8,8 +8,11 @@ Inputs and outputs are global jax Arrays; `semflow_jax.api.SemFlow` wraps this i
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -22,7 +25,7 @@ class Sampler:
 
     def __init__(self, model, anchors, mesh, param_sharding, codec=None):
         self.model, self.mesh = model, mesh
-        self.anchors = jax.device_put(jnp.asarray(anchors, jnp.float32), sharding.replicated(mesh))
+        self._anchors = np.asarray(anchors, np.float32)
         self.param_sharding = param_sharding
         self.batch_sharding = sharding.batch_sharding(mesh)
         self._compiled = {}
@@ -31,12 +34,12 @@ class Sampler:
         # In latent mode they also encode (posterior mode) and decode with the frozen VAE.
         bs = self.batch_sharding
         codec = Codec() if codec is None else codec
-        self._image_in = jax.jit(lambda x, vp: codec.encode(vp, flow.image_to_flow(x)), out_shardings=bs)
-        self._labels_out = jax.jit(
+        self.image_in = jax.jit(lambda x, vp: codec.encode(vp, flow.image_to_flow(x)), out_shardings=bs)
+        self.labels_out = jax.jit(
             lambda z, a, vp: flow.mask_to_labels(codec.decode(vp, z), a), out_shardings=bs
         )
-        self._image_out = jax.jit(lambda z, vp: flow.flow_to_image(codec.decode(vp, z)), out_shardings=bs)
-        self._mask_in = jax.jit(
+        self.image_out = jax.jit(lambda z, vp: flow.flow_to_image(codec.decode(vp, z)), out_shardings=bs)
+        self.mask_in = jax.jit(
             lambda labels, rngs, anchors, beta, vp: codec.encode(
                 vp,
                 jax.vmap(flow.perturb, in_axes=(0, 0, None))(
@@ -45,6 +48,12 @@ class Sampler:
             ),
             out_shardings=bs,
         )
+
+    @functools.cached_property
+    def anchors(self) -> jax.Array:
+        """The anchor colours [K, 3], replicated over the mesh (put there on first use: a Sampler built for
+        devices that are only a compile target, semflow_jax.plan's, never touches them)."""
+        return jax.device_put(jnp.asarray(self._anchors), sharding.replicated(self.mesh))
 
     def compiled(self, num_steps: int, solver: str = "euler", return_trajectory: bool = False):
         """The jitted integrator f(params, z, direction) for these static settings (built once, then reused)."""
@@ -81,10 +90,10 @@ class Sampler:
         returns (labels, path): path [num_steps + 1, N, ...] holds every state z_t in flow space.
         """
         out = self.run_flow(
-            params, self._image_in(images, vae_params), 1.0, num_steps, solver, return_trajectory
+            params, self.image_in(images, vae_params), 1.0, num_steps, solver, return_trajectory
         )
         z, path = out if return_trajectory else (out, None)
-        labels = self._labels_out(z, self.anchors, vae_params)
+        labels = self.labels_out(z, self.anchors, vae_params)
         return (labels, path) if return_trajectory else labels
 
     def synthesize(
@@ -103,13 +112,13 @@ class Sampler:
         rngs [N] holds one key per example, so a sample does not depend on what else is in its batch. With
         return_trajectory, returns (images, path) as `segment` does.
         """
-        mask = self._mask_in(labels, rngs, self.anchors, jnp.float32(beta), vae_params)
+        mask = self.mask_in(labels, rngs, self.anchors, jnp.float32(beta), vae_params)
         out = self.run_flow(params, mask, -1.0, num_steps, solver, return_trajectory)
         z, path = out if return_trajectory else (out, None)
-        images = self._image_out(z, vae_params)
+        images = self.image_out(z, vae_params)
         return (images, path) if return_trajectory else images
 
     def pictures(self, path, vae_params=None) -> list:
         """Each state of a trajectory [T, N, ...] as uint8 pictures [N, H, W, 3] (decoded in latent mode),
         one frame at a time so that only one decoded frame is alive at once."""
-        return [self._image_out(path[i], vae_params) for i in range(path.shape[0])]
+        return [self.image_out(path[i], vae_params) for i in range(path.shape[0])]

@@ -103,21 +103,16 @@ def _abstract_params(config):
     )
 
 
-def train(config, workdir: str | None = None, quiet: bool = False) -> dict:
-    """Trains config's segmenter into workdir (default: its cache folder); returns its meta, which holds
-    its own validation mIoU on real images (the ceiling of the alignment score)."""
-    config = config_lib.validate(config)
-    workdir = workdir or cache_dir(config)
-    s = config.segmenter
-    mesh = sharding.mesh_from_config(config.mesh)
-    sharding.check_batch(int(s.batch_size), mesh, "segmenter.batch_size")
-    is_main = jax.process_index() == 0
-    say = (lambda *a: None) if quiet or not is_main else (lambda *a: print(*a, flush=True))
-    data_config = ml_collections.ConfigDict(config.to_dict())
-    data_config.train.batch_size = int(s.batch_size)
-    data_config.seed = int(config.seed) + 7  # not the same shuffle as SemFlow's own run
-    data = pipeline.train_iterator(data_config, jax.process_index(), jax.process_count())
+def batch_size(config, mesh) -> int:
+    """The segmenter's global batch on mesh: segmenter.batch_size, rounded up to a multiple of the device
+    count so that a slice with more devices than the configured batch still trains it."""
+    return -(-int(config.segmenter.batch_size) // mesh.size) * mesh.size
 
+
+def make_training(config, mesh):
+    """(init: key -> state, the jitted donating train step (state, uint8 images, uint8 labels) -> (state,
+    loss)) of config's segmenter on mesh: parameters and AdamW state replicated, the batch split."""
+    s = config.segmenter
     model = build(config)
     warmup = min(int(s.warmup_steps), int(s.steps) // 2)
     schedule = optax.warmup_cosine_decay_schedule(0.0, float(s.lr), warmup, max(int(s.steps), warmup + 1))
@@ -129,8 +124,6 @@ def train(config, workdir: str | None = None, quiet: bool = False) -> dict:
         params = model.init(rng, jnp.zeros((1, h, w, 3)), jnp.zeros((1,)))["params"]
         return {"params": params, "opt": tx.init(params)}
 
-    state = jax.jit(init, out_shardings=repl)(jax.random.PRNGKey(config.seed + 7))
-
     def step(state, images, labels):
         loss, grads = jax.value_and_grad(lambda p: cross_entropy(logits_fn(model, p, images), labels))(
             state["params"]
@@ -140,8 +133,28 @@ def train(config, workdir: str | None = None, quiet: bool = False) -> dict:
 
     batch = sharding.batch_sharding(mesh)
     step = jax.jit(step, in_shardings=(repl, batch, batch), out_shardings=(repl, repl), donate_argnums=(0,))
+    return jax.jit(init, out_shardings=repl), step
+
+
+def train(config, workdir: str | None = None, quiet: bool = False) -> dict:
+    """Trains config's segmenter into workdir (default: its cache folder); returns its meta, which holds
+    its own validation mIoU on real images (the ceiling of the alignment score)."""
+    config = config_lib.validate(config)
+    workdir = workdir or cache_dir(config)
+    s = config.segmenter
+    mesh = sharding.mesh_from_config(config.mesh)
+    is_main = jax.process_index() == 0
+    say = (lambda *a: None) if quiet or not is_main else (lambda *a: print(*a, flush=True))
+    data_config = ml_collections.ConfigDict(config.to_dict())
+    data_config.train.batch_size = batch_size(config, mesh)
+    data_config.seed = int(config.seed) + 7  # not the same shuffle as SemFlow's own run
+    data = pipeline.train_iterator(data_config, jax.process_index(), jax.process_count())
+    init, step = make_training(config, mesh)
+    repl = sharding.replicated(mesh)
+    state = init(jax.random.PRNGKey(config.seed + 7))
     say(
-        f"training the label-alignment segmenter ({int(s.steps)} steps, batch {int(s.batch_size)}) into {workdir}"
+        f"training the label-alignment segmenter ({int(s.steps)} steps, batch {data_config.train.batch_size}) "
+        f"into {workdir}"
     )
     started = time.time()
     for i in range(int(s.steps)):
@@ -173,6 +186,7 @@ def train(config, workdir: str | None = None, quiet: bool = False) -> dict:
             confusion(predict(state["params"], b["image"]), b["label"], valid=b["valid"]).addressable_data(0)
         )
     meta = {**identity(config), "validation_miou": miou.mean_iou(cm), "steps": int(s.steps),
+            "batch_size": data_config.train.batch_size,
             "seconds": time.time() - started}  # fmt: skip
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, async_save=False)
     try:

@@ -69,6 +69,11 @@ def train_mesh(config) -> Mesh:
     return mesh_from_config(config.mesh, train_devices(config.train.cpu_devices))
 
 
+def platform(mesh: Mesh) -> str:
+    """The platform a mesh's programs are compiled for ("cpu", "tpu", "gpu"), from its devices."""
+    return mesh.devices.flat[0].platform
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dimension split over every mesh axis; the rest replicated."""
     return NamedSharding(mesh, P(mesh.axis_names))

@@ -26,7 +26,7 @@ from semflow_jax.data import pipeline
 from semflow_jax.errors import SemFlowError
 from semflow_jax.metric_writer import MetricWriter
 from semflow_jax.models import Codec, build_model, build_vae, flow_shape, load_pretrained, velocity_fn
-from semflow_jax.models.sd import sample_posterior
+from semflow_jax.models.sd import SDVAE, sample_posterior
 from semflow_jax.visualize import save_png
 
 
@@ -121,8 +121,9 @@ def make_train_step(config, model, tx, mesh=None):
     """The update: flow endpoints from the uint8 batch, the rectified-flow loss, AdamW, EMA.
 
     With train.grad_accum_steps = A the batch's gradient is the mean of A micro-batch gradients, computed
-    one after another in a lax.scan (activation memory of B/A examples). The times and perturbations are
-    drawn for the whole batch first, so the update equals the one-pass update up to float rounding.
+    one after another in a lax.scan (activation memory of B/A examples, the latent mode's VAE encoding
+    included). The times, perturbations and posterior noise are drawn for the whole batch first, so the
+    update equals the one-pass update up to float rounding.
     """
     anchors = jnp.asarray(
         flow.anchors_for(config.data.num_classes, config.anchors.base, config.anchors.spacing)
@@ -134,7 +135,20 @@ def make_train_step(config, model, tx, mesh=None):
 
     compute = jnp.dtype(config.model.dtype)
 
-    def loss_and_grad(params, z0, z1, t, rng_drop):
+    def endpoints(vae_params, x0, x1, noise):
+        """(z0, z1) of one (micro-)batch. Encoding images in latent mode (noise given: the posterior sample's,
+        drawn for the whole batch), the image's posterior sample and the painted mask's mode, a micro-batch
+        at a time; else x0, x1 as they are."""
+        if noise is None:
+            return x0, x1
+        vae = codec.vae
+        mean, logvar = vae.apply({"params": vae_params}, x0, method=SDVAE.encode)
+        z0 = (mean + jnp.exp(0.5 * logvar) * noise) * vae.scaling_factor
+        return z0, codec.encode(vae_params, x1)
+
+    def loss_and_grad(params, vae_params, x0, x1, noise, t, rng_drop):
+        z0, z1 = endpoints(vae_params, x0, x1, noise)
+
         def loss_fn(p):
             v = velocity_fn(model, p, train=True, rngs={"dropout": rng_drop})
             return flow.flow_loss(v, z0, z1, t)
@@ -163,34 +177,34 @@ def make_train_step(config, model, tx, mesh=None):
         step = state["step"]
         rng, step_rng = jax.random.split(state["rng"])
         rng_t, rng_eps, rng_drop = jax.random.split(step_rng, 3)
+        noise = vae_params = None
         if "mask_latent" in batch:  # cached latents: a fresh posterior sample, a stored perturbed mask
             scale = codec.vae.scaling_factor
-            z0 = sample_posterior(
+            x0 = sample_posterior(
                 batch["latent_mean"], batch["latent_logvar"], jax.random.fold_in(step_rng, 3), scale
             )
-            z1 = batch["mask_latent"]
+            x1 = batch["mask_latent"]
         else:
-            z0 = flow.image_to_flow(batch["image"])
-            z1 = flow.perturb(rng_eps, flow.labels_to_mask(batch["label"], anchors), beta)
-            if codec.vae is not None:  # latent mode: the image's posterior sample, the painted mask's mode
+            x0 = flow.image_to_flow(batch["image"])
+            x1 = flow.perturb(rng_eps, flow.labels_to_mask(batch["label"], anchors), beta)
+            if codec.vae is not None:  # latent mode: the posterior noise, drawn for the whole batch
                 vae_params = jax.lax.stop_gradient(state["vae"])
-                z0 = codec.encode(vae_params, z0, jax.random.fold_in(step_rng, 3))
-                z1 = codec.encode(vae_params, z1)
-        t = flow.sample_time(rng_t, z0.shape[0], config.flow.time_power, config.flow.time_power_fraction)
+                noise = jax.random.normal(jax.random.fold_in(step_rng, 3), (x0.shape[0], *flow_shape(config)))
+        t = flow.sample_time(rng_t, x0.shape[0], config.flow.time_power, config.flow.time_power_fraction)
 
         if accum == 1:
-            loss, grads = loss_and_grad(state["params"], z0, z1, t, rng_drop)
+            loss, grads = loss_and_grad(state["params"], vae_params, x0, x1, noise, t, rng_drop)
         else:
 
             def body(carry, xs):
-                i, z0_i, z1_i, t_i = xs
+                i, x0_i, x1_i, noise_i, t_i = xs
                 loss_i, grads_i = loss_and_grad(
-                    state["params"], z0_i, z1_i, t_i, jax.random.fold_in(rng_drop, i)
+                    state["params"], vae_params, x0_i, x1_i, noise_i, t_i, jax.random.fold_in(rng_drop, i)
                 )
                 return jax.tree.map(jnp.add, carry, (loss_i, grads_i)), None
 
             zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state["params"]))
-            xs = (jnp.arange(accum), micro_batches(z0), micro_batches(z1), micro_batches(t))
+            xs = (jnp.arange(accum), *jax.tree.map(micro_batches, (x0, x1, noise, t)))
             (loss, grads), _ = jax.lax.scan(body, zero, xs)
             loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
 
@@ -235,7 +249,7 @@ def build_training(config, mesh, init: bool = True):
 
     abstract = jax.eval_shape(init_fn, init_rng)
     state_sharding = sharding.state_sharding(abstract, mesh, config.fsdp_min_size)
-    options = malloc_options.compiler_options()
+    options = malloc_options.compiler_options(sharding.platform(mesh))
     if options:
         # XLA cannot serialize an executable whose temporaries come in several blocks, so the persistent
         # compilation cache cannot keep this step and jax warns at every start that writing it failed. The

@@ -126,6 +126,18 @@ def pick_mask(example: dict, rng: np.random.Generator) -> dict:
     }
 
 
+# Examples each local device encodes per batch unless --batch_size says otherwise.
+BATCH_PER_DEVICE = 8
+
+
+def encoder_mesh(devices):
+    """The mesh the encoder runs on: one process's devices, on one data axis (each process encodes its own
+    examples into its own shards, so no collective crosses hosts)."""
+    from jax.sharding import Mesh
+
+    return Mesh(np.asarray(devices), ("data",))
+
+
 def _encoder(config, mask_samples: int, mesh):
     """jitted (vae params, uint8 images [B, H, W, 3], uint8 labels [B, H, W], example indices [B], mirrored)
     -> (mean, logvar, masks [B, K, h, w, c]), batch split over mesh. Each example's perturbations come from
@@ -171,7 +183,6 @@ def encode_dataset(config, out: str, mask_samples: int = 4, flip: bool = False, 
     """
     import grain
     import jax
-    from jax.sharding import Mesh
     from tqdm import tqdm
 
     from semflow_jax import config_lib, sharding
@@ -191,8 +202,8 @@ def encode_dataset(config, out: str, mask_samples: int = 4, flip: bool = False, 
         raise SemFlowError("the config already reads cached latents (data.latents); encode from the images")
     pid, nproc = jax.process_index(), jax.process_count()
     devices = jax.local_devices()
-    mesh = Mesh(np.asarray(devices), ("data",))
-    batch_size = batch_size or 8 * len(devices)
+    mesh = encoder_mesh(devices)
+    batch_size = batch_size or BATCH_PER_DEVICE * len(devices)
     if batch_size % len(devices):
         raise SemFlowError(f"--batch_size={batch_size} must be divisible by the {len(devices)} local devices")
     source = pipeline.make_source(config, SPLIT)
