@@ -56,3 +56,22 @@ def pytest_collection_modifyitems(items):
         return _LONG_FILES_FIRST.index(name) if name in _LONG_FILES_FIRST else len(_LONG_FILES_FIRST)
 
     items.sort(key=rank)
+
+
+def pytest_configure(config):
+    """Starts the TPU compiles (tests/tpu_process.py) when the session starts, in the controller only, when
+    test_tpu.py is among the tests asked for."""
+    if hasattr(config, "workerinput"):
+        return
+    args = [str(a) for a in config.args] or ["."]
+    if any("test_tpu" in a or os.path.isdir(a.split("::")[0]) for a in args):
+        import tpu_process
+
+        tpu_process.start()
+
+
+def pytest_unconfigure(config):
+    if not hasattr(config, "workerinput"):
+        import tpu_process
+
+        tpu_process.stop()
