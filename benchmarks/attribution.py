@@ -38,7 +38,7 @@ def conv_calls(model, params, z, t) -> list[tuple[dict, str]]:
     calls = []
 
     def walk(jaxpr):  # the CPU program's convolutions: of a platform-dependent choice, the CPU branch
-        for eqn, _ in jaxprs.equations(jaxpr, "cpu"):
+        for eqn, _, scope in jaxprs.scoped_equations(jaxpr, "cpu"):
             if eqn.primitive.name == "conv_general_dilated":
                 p = eqn.params
                 spec = {
@@ -48,7 +48,7 @@ def conv_calls(model, params, z, t) -> list[tuple[dict, str]]:
                     "padding": tuple(tuple(x) for x in p["padding"]),
                     "params": p,
                 }
-                calls.append((spec, str(eqn.source_info.name_stack)))
+                calls.append((spec, scope))
 
     from semflow_jax.models import velocity_fn
 

@@ -395,7 +395,7 @@ def test_the_train_step_is_compiled_with_the_malloc_compiler_options(monkeypatch
     from semflow_jax.data import pipeline
 
     option = {"xla_multiheap_size_constraint_per_heap": 40 << 20}
-    monkeypatch.setattr(malloc_options, "compiler_options", lambda: option)
+    monkeypatch.setattr(malloc_options, "compiler_options", lambda platform="cpu": option)
     config = shapes_config.get_config("tiny")
     mesh = sharding.mesh_from_config((("data", 1), ("fsdp", 1)), jax.devices()[:1])
     _, template, _, step = train.build_training(config, mesh, init=False)

@@ -35,23 +35,31 @@ def _sub_jaxprs(value) -> list:
     return out
 
 
-def equations(jaxpr, platform: str = "cpu", times: int = 1) -> Iterator[tuple[object, int]]:
+def equations(jaxpr, platform: str = "cpu") -> Iterator[tuple[object, int]]:
     """(equation, times it runs) of `jaxpr` (a Jaxpr or ClosedJaxpr) and every jaxpr inside it, as a program
     lowered for `platform` runs them: platform-dependent conds contribute only that platform's branch, other
     conds every branch (an upper bound), a scan body `length` times, a while body once (its trip count is not
     in the jaxpr)."""
+    for eqn, times, _ in scoped_equations(jaxpr, platform):
+        yield eqn, times
+
+
+def scoped_equations(jaxpr, platform: str = "cpu", times: int = 1, scope: str = ""):
+    """`equations` with each equation's full module scope: the name stacks of the equations it is inside
+    (an inner jaxpr's names are relative to the equation holding it), joined with "/"."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     for eqn in jaxpr.eqns:
-        yield eqn, times
+        name = "/".join(filter(None, (scope, str(eqn.source_info.name_stack))))
+        yield eqn, times, name
         params = eqn.params
         if eqn.primitive.name == "cond" and params.get("branches_platforms") is not None:
             branch = params["branches"][_branch_for(params["branches_platforms"], platform)]
-            yield from equations(branch, platform, times)
+            yield from scoped_equations(branch, platform, times, name)
             continue
         inner_times = times * int(params["length"]) if eqn.primitive.name == "scan" else times
         for value in params.values():
             for sub in _sub_jaxprs(value):
-                yield from equations(sub, platform, inner_times)
+                yield from scoped_equations(sub, platform, inner_times, name)
 
 
 def equation_flops(eqn) -> float:
