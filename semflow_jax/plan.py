@@ -136,8 +136,9 @@ def memory_knobs(config, name: str, mesh) -> list[str]:
     return knobs
 
 
-def analyze(program, chip) -> dict:
-    """Lowers and compiles one program for its mesh; returns its plan (see the module docstring)."""
+def analyze(program, chip, keep: dict | None = None) -> dict:
+    """Lowers and compiles one program for its mesh; returns its plan (see the module docstring). With
+    `keep`, the compiled executable is also kept there under the program's name (tests read it)."""
     from semflow_jax.aot import hlo, jaxprs
     from semflow_jax.aot.programs import bytes_per_chip
 
@@ -172,6 +173,8 @@ def analyze(program, chip) -> dict:
         )
         return out
     out["compile_sec"] = round(time.perf_counter() - started, 1)
+    if keep is not None:
+        keep[program.name] = compiled
     mem = compiled.memory_analysis()
     peak = (
         mem.argument_size_in_bytes
@@ -212,8 +215,16 @@ def analyze(program, chip) -> dict:
     return out
 
 
-def plan(config, topology: str, mesh: tuple | None = None, wanted=None, quiet: bool = False) -> dict:
-    """The plan of config on the TPU slice named `topology` (see the module docstring) as a JSON-able dict."""
+def plan(
+    config,
+    topology: str,
+    mesh: tuple | None = None,
+    wanted=None,
+    quiet: bool = False,
+    keep: dict | None = None,
+) -> dict:
+    """The plan of config on the TPU slice named `topology` (see the module docstring) as a JSON-able dict;
+    `keep` (a dict) receives each program and its compiled executable by name."""
     import jax
 
     from semflow_jax import config_lib
@@ -265,7 +276,9 @@ def plan(config, topology: str, mesh: tuple | None = None, wanted=None, quiet: b
     for program in programs.programs(config, devices, wanted):
         if not quiet:
             print(f"compiling {program.name} for {s.name} ...", file=sys.stderr, flush=True)
-        result = analyze(program, s.chip)
+        result = analyze(program, s.chip, keep)
+        if keep is not None:
+            keep[program.name] = (program, keep.get(program.name))
         if not result["fits"]:
             result["knobs"] = memory_knobs(config, program.name, program.mesh)
         doc["programs"][program.name] = result

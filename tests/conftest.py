@@ -48,11 +48,18 @@ _LONG_FILES_FIRST = (
 )
 
 
+# Last: its facts come from tests/tpu_worker.py, which compiles in the background from the session's start;
+# an xdist worker that reached it early would wait for them instead of running other files.
+_LAST = "test_tpu.py"
+
+
 def pytest_collection_modifyitems(items):
-    """Orders the collected tests long files first (stable within a file)."""
+    """Orders the collected tests long files first, test_tpu.py last (stable within a file)."""
 
     def rank(item):
         name = os.path.basename(str(item.fspath))
+        if name == _LAST:
+            return len(_LONG_FILES_FIRST) + 1
         return _LONG_FILES_FIRST.index(name) if name in _LONG_FILES_FIRST else len(_LONG_FILES_FIRST)
 
     items.sort(key=rank)

@@ -90,14 +90,19 @@ def analytic_forward_flops(config) -> float:
     return total[0]
 
 
-def slice_facts(name, mesh_axes):
-    """Compiles the tiny train step and sampler for slice `name`; returns the facts test_tpu.py checks."""
-    config = tiny_config(mesh_axes)
+def slice_facts(name, mesh_axes, compiled=None, config=None):
+    """Compiles the tiny train step and sampler for slice `name` (or takes `compiled`: {program name:
+    (program, executable)} of `config`, as plan.plan(keep=...) leaves them); returns the facts test_tpu.py
+    checks."""
+    config = config or tiny_config(mesh_axes)
     devices = slices.compile_only_devices(slices.parse(name))
-    train, sampler = programs.programs(config, devices, ("train_step", "sampler"))
+    if compiled is None:
+        train, sampler = programs.programs(config, devices, ("train_step", "sampler"))
+        compiled = {"train_step": (train, None), "sampler": (sampler, None)}
+    (train, train_exe), (sampler, sampler_exe) = compiled["train_step"], compiled["sampler"]
     facts = {"processes": len({d.process_index for d in devices}), "chips": len(devices)}
 
-    compiled = train.jitted.lower(*train.args).compile()
+    compiled = train_exe or train.jitted.lower(*train.args).compile()
     state, batch = train.args
     (in_state, in_batch), _ = compiled.input_shardings
     expected = sharding.state_sharding(state, train.mesh, config.fsdp_min_size)
@@ -116,7 +121,7 @@ def slice_facts(name, mesh_axes):
     params, z, _ = sampler.args
     forward = sampler.jitted.lower(params, z, jnp.float32(1.0))
     backward = sampler.jitted.lower(params, z, jnp.float32(-1.0))
-    compiled = forward.compile()
+    compiled = sampler_exe or forward.compile()
     facts["sampler"] = {
         "same_lowering": forward.as_text() == backward.as_text(),
         "cpu_forms": cpu_forms(compiled.as_text()),
@@ -160,12 +165,17 @@ def main(path):
     # The CPU tuning applied as the CLIs apply it, so the TPU programs below are compiled in a process where
     # the CPU train step does get the heap option (the control) and must still not carry it.
     facts = {"malloc_applied": malloc_options.apply()}
-    facts["slices"] = {name: slice_facts(name, mesh) for name, mesh in SLICES.items()}
-    facts["cpu"] = cpu_control()
-    # The FLOP count needs layers as wide as a TPU's 128 lanes: the compiler pads 8 channels to them.
+    # The v5e-4 programs are the planner's own compiles, of layers as wide as a TPU's 128 lanes (the FLOP
+    # count needs them: the compiler pads 8 channels to 128); v5p-16's are the tiny config's.
     config = tiny_config(SLICES["v5e-4"])
     config.model.channels = 128
-    facts["plan"] = plan.plan(config, "v5e-4", wanted=("train_step", "sampler"), quiet=True)
+    keep = {}
+    facts["plan"] = plan.plan(config, "v5e-4", wanted=("train_step", "sampler"), quiet=True, keep=keep)
+    facts["slices"] = {
+        "v5e-4": slice_facts("v5e-4", SLICES["v5e-4"], keep, config_lib.resolve_batch(config, 4))
+    }
+    facts["slices"]["v5p-16"] = slice_facts("v5p-16", SLICES["v5p-16"])
+    facts["cpu"] = cpu_control()
     one = config_lib.resolve_batch(config, 4)
     facts["analytic"] = {
         "forward_flops_per_example": analytic_forward_flops(one),
