@@ -59,7 +59,7 @@ def _row(config: str, topology: str, doc: dict) -> dict:
         "slice": topology,
         "chips": doc["slice"]["chips"],
         "hosts": doc["slice"]["hosts"],
-        "mesh": dict(doc["config"]["mesh"]),
+        "mesh": train.get("mesh") or dict(doc["config"]["mesh"]),  # the sizes the slice gave -1
         "batch_per_chip": doc["config"]["train.batch_size_per_device"],
         "grad_accum_steps": doc["config"]["train.grad_accum_steps"],
         "train_peak_gib": train.get("peak_gib"),
@@ -103,8 +103,14 @@ def table(rows: list[dict], missing: list[tuple[str, str]]) -> str:
             f"{_f(r['train_collective_gb_per_step'], 1)} GB | {_f(r['sampler_images_per_sec_per_chip'], 1)} |"
         )
     if missing:
-        lines.append("")
-        lines.append("Not planned here: " + ", ".join(f"{c} on {t}" for c, t in missing) + ".")
+        by_config: dict[str, list[str]] = {}
+        for c, t in missing:
+            by_config.setdefault(c, []).append(t)
+        planned = {r["slice"] for r in rows} | {t for ts in by_config.values() for t in ts}
+        every = [c for c, ts in by_config.items() if set(ts) == planned]
+        parts = [f"{', '.join(every)} on any of {', '.join(sorted(planned))}"] if every else []
+        parts += [f"{c} on {', '.join(ts)}" for c, ts in by_config.items() if c not in every]
+        lines += ["", f"Not planned here: {'; '.join(parts)}."]
     return "\n".join(lines)
 
 

@@ -264,7 +264,8 @@ def test_pods_table_rows_from_plan_json():
     spec = importlib.util.spec_from_file_location("pods", os.path.join(ROOT, "benchmarks", "pods.py"))
     pods = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pods)
-    program = {"fits": True, "peak_gib": 15.06, "hbm_gib_per_chip": 15.75, "margin_gib": 0.69,
+    program = {"fits": True, "mesh": {"data": 1, "fsdp": 8}, "peak_gib": 15.06, "hbm_gib_per_chip": 15.75,
+               "margin_gib": 0.69,
                "images_per_sec_per_chip": 4.2, "mfu_at_roofline": 0.41, "roofline_bound": "compute",
                "collectives": {"bytes_per_chip": 12.5e9}, "compile_sec": 900.0}  # fmt: skip
     doc = {
@@ -278,7 +279,7 @@ def test_pods_table_rows_from_plan_json():
     }
     row = pods._row("coco", "v5e-8", doc)
     assert row["train_fits"] and not row["all_fit"] and row["train_collective_gb_per_step"] == 12.5
-    md = pods.table([row], [("ade20k", "v4-32")])
+    md = pods.table([row], [("ade20k", "v4-32"), ("ade20k", "v5e-8"), ("coco", "v4-32")])
     line = "| coco | v5e-8 (8, 1) | data 1 x fsdp 8, 2 | 15.06 / 15.75 GiB | yes, 0.69 GiB to spare | 4.2 (compute)"
     assert line + " | 41% | 12.5 GB |" in md
-    assert md.splitlines()[-1] == "Not planned here: ade20k on v4-32."
+    assert md.splitlines()[-1] == "Not planned here: ade20k on any of v4-32, v5e-8; coco on v4-32."
