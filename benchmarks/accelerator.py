@@ -60,7 +60,7 @@ def measure_peak(n: int, repeats: int, calls_per_window: int = 10) -> dict:
     """bfloat16 and float32 n^3 matmul FLOP/s on the default device (the best window of `repeats`)."""
     import jax
     import jax.numpy as jnp
-    from suite import timed
+    from timing import timed
 
     out = {"matmul_size": n, "device_kind": jax.devices()[0].device_kind}
     for dtype in ("bfloat16", "float32"):
@@ -86,7 +86,7 @@ def measure_sd15(model: str, variant: str, image_size: int, batch: int, steps: i
     import numpy as np
     import sd_setup
     from run import compiled_flops
-    from suite import summarize, timed
+    from timing import summarize, timed
 
     from semflow_jax import config_lib, sharding
     from semflow_jax.models import flow_shape
@@ -156,7 +156,7 @@ def measure_sd15(model: str, variant: str, image_size: int, batch: int, steps: i
 def environment() -> dict:
     """Versions, the devices, XLA_FLAGS and the date."""
     import jax
-    from suite import package_version
+    from timing import package_version
 
     return {
         "jax": jax.__version__,
@@ -269,6 +269,9 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny models and products (seconds on a CPU)")
     p.add_argument("--no-torch", action="store_true", help="JAX only")
     args = p.parse_args(argv)
+    from semflow_jax.cpu import tuning
+
+    tuning.tune()  # as the command-line tools do, before jax starts (semflow_jax/cpu/tuning.py)
     parts = [x for x in args.parts.split(",") if x]
     sizes = [x for x in args.sizes.split(",") if x]
     import sd_setup
@@ -294,8 +297,6 @@ def main(argv=None) -> int:
     os.environ["SEMFLOW_COMPILATION_CACHE"] = "0"
     import jax
     import suite
-
-    import semflow_jax  # noqa: F401  (its XLA defaults, set before jax starts a backend, as a user gets them)
 
     backend = jax.default_backend()
     twin_device = {"gpu": "cuda", "cpu": "cpu"}.get(backend)

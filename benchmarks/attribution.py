@@ -21,7 +21,6 @@ import json
 import os
 import statistics
 import sys
-from unittest import mock
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -50,13 +49,14 @@ def conv_calls(model, params, z, t) -> list[tuple[dict, str]]:
                 }
                 calls.append((spec, scope))
 
+    from semflow_jax.cpu import kernels
     from semflow_jax.models import velocity_fn
 
-    # Traced with the 3x3 convolutions themselves: on a CPU the wide ones run forward as Winograd's six 3x1
-    # convolutions (models/layers.py, `use_winograd`) but backward as the 3x3 convolution's gradients, and
+    # Traced with the plain layers (model.kernels="plain"): on a CPU the wide convolutions run forward as
+    # Winograd's six 3x1 convolutions (cpu/winograd.py) but backward as the 3x3 convolution's gradients, and
     # the twin's list pairs each layer with one convolution; the forward rows then time those layers as XLA's
     # convolution, not as JAX's step runs them.
-    with mock.patch.dict(os.environ, {"SEMFLOW_WINOGRAD": "0"}):
+    with kernels.chosen("plain"):
         walk(jax.make_jaxpr(lambda p: velocity_fn(model, p)(z, t))(params).jaxpr)
     return calls
 
@@ -259,7 +259,9 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out_dir", default=os.path.join(HERE, "results"))
     args = p.parse_args()
-    import semflow_jax  # noqa: F401  (the package's XLA options, before the backend starts)
+    from semflow_jax.cpu import tuning
+
+    tuning.tune()  # as the command-line tools do, before jax starts (semflow_jax/cpu/tuning.py)
     from semflow_jax.errors import atomic_write_bytes
 
     sizes = [s for s in args.sizes.split(",") if s]

@@ -1,6 +1,7 @@
 """The UNet's layer formulations against the textbook ones: `python benchmarks/layers.py`.
 
-For each layer the package writes in a form of its own (semflow_jax/models/layers.py, the UNet's attention),
+For each layer the package writes in a form of its own (semflow_jax/models/layers.py and its CPU forms in
+semflow_jax/cpu/kernels.py, the UNet's attention),
 times the textbook version and ours on the shapes of the mid-size model (`configs/shapes.py:mid`, batch 16)
 and of `shapes` (batch 64), forward and forward + backward, jitted, in alternating windows, and checks both
 give the same values first:
@@ -9,12 +10,12 @@ give the same values first:
 - GroupNorm -> SiLU -> 3x3 convolution with flax's nn.GroupNorm vs `layers.GroupNorm(silu=True)`;
 - the decoder's ResBlock on [h, skip]: concatenated first (jnp.concatenate) vs read part by part
   (`layers.Conv` / `layers.Dense` of parts);
-- GroupNorm-SiLU then a 3x3 convolution of 128 channels: flax's nn.Conv vs `layers.Conv(winograd=True)`
-  (`layers.winograd_conv3x3`: Winograd F(4, 3) along the width, XLA's gradients);
+- GroupNorm-SiLU then a 3x3 convolution of 128 channels: flax's nn.Conv vs `winograd.winograd_conv3x3`
+  (semflow_jax/cpu/winograd.py: Winograd F(4, 3) along the width, XLA's gradients);
 - flax's nn.MultiHeadDotProductAttention vs the UNet's (`unet.SelfAttention` with jax.nn.dot_product_attention);
 - in bfloat16, flax's nn.Conv (XLA's bfloat16 convolution) vs `layers.Conv` and the upsampling, which on a CPU
-  with AMX run as `layers.amx_conv` (products on AMX; elsewhere the same convolution as flax's); these agree
-  to bfloat16 rounding, not to 1e-4.
+  with AMX run as `amx.amx_conv` (semflow_jax/cpu/amx.py: products on AMX; elsewhere the same convolution as
+  flax's); these agree to bfloat16 rounding, not to 1e-4.
 Writes benchmarks/results/layers.json and prints a Markdown table (medians, ms; ratio = textbook / ours).
 """
 
@@ -41,7 +42,17 @@ def cases():
     import flax.linen as nn
     import jax.numpy as jnp
 
+    from semflow_jax.cpu import winograd
     from semflow_jax.models import layers, unet
+
+    class WinogradConv(nn.Module):  # nn.Conv's parameters, computed as winograd_conv3x3 (cpu/winograd.py)
+        features: int
+
+        @nn.compact
+        def __call__(self, x):
+            kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features))
+            bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+            return winograd.winograd_conv3x3(x, kernel) + bias
 
     class Upsample(nn.Module):
         ours: bool
@@ -84,8 +95,8 @@ def cases():
         @nn.compact
         def __call__(self, x):
             h = layers.GroupNorm(8, silu=True, name="norm")(x)
-            if self.ours:  # Winograd whatever `layers.use_winograd` would say
-                return layers.Conv(self.features, (3, 3), winograd=True, name="conv")(h)
+            if self.ours:  # Winograd whatever `winograd.use_winograd` would say
+                return WinogradConv(self.features, name="conv")(h)
             return nn.Conv(self.features, (3, 3), name="conv")(h)
 
     def attention(ours):  # the same parameters: flax's module, and the UNet's with jax.nn's lowering
@@ -209,6 +220,9 @@ def main():
     p.add_argument("--repeats", type=int, default=7, help="timed windows per measurement")
     p.add_argument("--out", default=os.path.join(HERE, "results", "layers.json"))
     args = p.parse_args()
+    from semflow_jax.cpu import tuning
+
+    tuning.tune()  # as the command-line tools do, before jax starts (semflow_jax/cpu/tuning.py)
     if args.repeats < 1:
         print("layers: error: --repeats must be >= 1", file=sys.stderr)
         sys.exit(2)

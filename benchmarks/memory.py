@@ -30,10 +30,9 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={N_DEVICES}"
     " --xla_backend_optimization_level=0"  # code quality is irrelevant here, buffer assignment is not
 )
-# XLA's own CPU settings, not the package's defaults (semflow_jax/xla_options.py): those YNNPACK fusions are a
+# XLA's own CPU settings, not the CPU tuning's (semflow_jax/cpu/xla_options.py): those YNNPACK fusions are a
 # CPU-speed choice that changes the buffer plan this measures (SD 1.5 bf16_remat_paper on the CPU compiler:
-# 12.96 GiB of temporaries with them, 7.37 without). SEMFLOW_XLA_DEFAULTS=1 measures with them.
-os.environ.setdefault("SEMFLOW_XLA_DEFAULTS", "0")
+# 12.96 GiB of temporaries with them, 7.37 without), so this script never calls tune().
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)

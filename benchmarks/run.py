@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 from semflow_jax import config_lib, flow, sharding  # noqa: E402
 from semflow_jax.data import pipeline  # noqa: E402
 from semflow_jax.errors import SemFlowError, atomic_write_bytes  # noqa: E402
-from semflow_jax.eval import make_sampler  # noqa: E402
+from semflow_jax.sampling import make_sampler  # noqa: E402
 from semflow_jax.train import build_training  # noqa: E402
 
 SAMPLE_STEPS = (1, 25)

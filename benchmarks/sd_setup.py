@@ -75,7 +75,8 @@ def train_step(config, mesh):
 
     from semflow_jax import sharding
     from semflow_jax.models import build_model
-    from semflow_jax.train import init_state, make_optimizer, make_train_step
+    from semflow_jax.state import init_state, make_optimizer
+    from semflow_jax.train import make_train_step
 
     model, tx = build_model(config), make_optimizer(config.train)
     shapes = jax.eval_shape(lambda r: init_state(config, model, tx, r), jax.random.PRNGKey(0))

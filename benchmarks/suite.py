@@ -29,13 +29,24 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
 for path in (ROOT, HERE):
     if path not in sys.path:
         sys.path.insert(0, path)
+
+from timing import (  # noqa: E402, F401  (suite.window and suite.alternate are the other scripts' too)
+    alternate,
+    cpu_per_window,
+    package_version,
+    peak_rss_mib,
+    rates,
+    ratio_summary,
+    summarize,
+    timed,
+    window,
+)
 
 SIZES = {"shapes": "", "mid": "mid", "tiny": "tiny"}  # name -> configs/shapes.py option
 SAMPLE_STEPS = (1, 5, 25)
@@ -49,96 +60,11 @@ XLA_CANDIDATES = (
 
 
 def package_defaults() -> str:
-    """The package's XLA defaults on this machine (YNN fusions, with bfloat16 dots where the CPU has AMX; the
-    CPU split into two devices), read from semflow_jax/xla_options.py without importing the package (whose
-    import would set them in this process, which never starts a backend)."""
-    import importlib.util
+    """The tuning's XLA defaults on this machine (YNN fusions, with bfloat16 dots where the CPU has AMX; the
+    CPU split into two devices: semflow_jax/cpu/xla_options.py)."""
+    from semflow_jax.cpu import xla_options as x
 
-    path = os.path.join(ROOT, "semflow_jax", "xla_options.py")
-    spec = importlib.util.spec_from_file_location("_semflow_xla_options", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return " ".join([*module.cpu_defaults(), f"{module.DEVICE_COUNT_OPTION}={module.DEFAULT_CPU_DEVICES}"])
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Small helpers (no jax import: the orchestrator never starts a backend).
-# ----------------------------------------------------------------------------------------------------------
-def summarize(values) -> dict:
-    """{"median", "min", "max"} of a list of numbers."""
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
-def ratio_summary(jax_rates, torch_rates) -> dict:
-    """JAX / twin: the ratio of the medians, and min/max of the per-window ratios (> 1: JAX faster)."""
-    per_window = [a / b for a, b in zip(jax_rates, torch_rates, strict=True)]
-    return {
-        "median": statistics.median(jax_rates) / statistics.median(torch_rates),
-        "min": min(per_window),
-        "max": max(per_window),
-    }
-
-
-def timed(fn) -> float:
-    """Seconds one call of fn takes (fn blocks until its results exist)."""
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def cpu_seconds() -> tuple[float, float]:
-    """This process's user and system (kernel) CPU seconds so far."""
-    import resource
-
-    u = resource.getrusage(resource.RUSAGE_SELF)
-    return u.ru_utime, u.ru_stime
-
-
-def window(fn) -> dict:
-    """One timed call of fn in this process: wall seconds, and the user and system (kernel) CPU seconds.
-
-    System time is mostly page faults of memory mapped fresh, which the wall clock alone hides.
-    """
-    user, system = cpu_seconds()
-    sec = timed(fn)
-    user_after, system_after = cpu_seconds()
-    return {"sec": sec, "user": user_after - user, "system": system_after - system}
-
-
-def alternate(pairs: dict, repeats: int, warmup: int = 1) -> dict:
-    """Runs each {key: (jax_fn, twin_fn or None, items_per_call)} in alternating windows, warmup first.
-
-    jax_fn runs here and is timed here; twin_fn runs one window of the twin and returns its `window` dict,
-    timed where it ran (the twin's own process). Returns {key: (jax_windows, twin_windows)}.
-    """
-    out = {k: ([], []) for k in pairs}
-    for r in range(warmup + repeats):
-        for key, (jax_fn, twin_fn, _) in pairs.items():
-            j = window(jax_fn)
-            t = twin_fn() if twin_fn is not None else None
-            if r >= warmup:
-                out[key][0].append(j)
-                if t is not None:
-                    out[key][1].append(t)
-    return out
-
-
-def rates(windows: list[dict], items: int) -> list[float]:
-    """Items/s of each window."""
-    return [items / w["sec"] for w in windows]
-
-
-def cpu_per_window(windows: list[dict]) -> dict:
-    """Median user and system CPU seconds of the windows."""
-    return {k: statistics.median(w[k] for w in windows) for k in ("user", "system")}
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory so far, MiB."""
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+    return " ".join([*x.cpu_defaults(), f"{x.DEVICE_COUNT_OPTION}={x.DEFAULT_CPU_DEVICES}"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -179,8 +105,8 @@ class JaxSide:
 
         from semflow_jax import flow, sharding
         from semflow_jax.data import pipeline
-        from semflow_jax.eval import make_sampler
         from semflow_jax.models import velocity_fn
+        from semflow_jax.sampling import make_sampler
         from semflow_jax.train import build_training
 
         self.config, self.jax = config, jax
@@ -497,7 +423,7 @@ def measure_sampler_alone(name: str, repeats: int) -> dict:
 
 def with_device_count(xla_flags: str, count: int) -> str:
     """xla_flags with the CPU device count option set to count (replacing one already there)."""
-    from semflow_jax.xla_options import DEVICE_COUNT_OPTION
+    from semflow_jax.cpu.xla_options import DEVICE_COUNT_OPTION
 
     kept = [f for f in xla_flags.split() if not f.startswith(DEVICE_COUNT_OPTION + "=")]
     return " ".join([*kept, f"{DEVICE_COUNT_OPTION}={count}"])
@@ -545,22 +471,11 @@ def run_worker(task: str, repeats: int, with_torch: bool, env_update: dict | Non
             return json.load(f)
 
 
-def package_version(name: str) -> str | None:
-    """An installed distribution's version, or None where it is not installed."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
-
-
 def environment() -> dict:
-    """Versions, the CPU, XLA_FLAGS as the package sets them, and the date."""
+    """Versions, the CPU, XLA_FLAGS as the CPU tuning set them (main's first step), and the date."""
     import platform
 
-    import semflow_jax  # noqa: F401  (sets the XLA defaults in os.environ and the malloc defaults)
-    from semflow_jax import malloc_options
+    from semflow_jax.cpu import malloc_options
 
     v = package_version
     cpu = platform.processor() or platform.machine()
@@ -577,7 +492,7 @@ def environment() -> dict:
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        # The workers import the package too, so JAX and the twin run under these alike.
+        # The workers and the twin's process make the same tuning call, so JAX and the twin run under these alike.
         "mallopt": dict(malloc_options.APPLIED),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
@@ -748,6 +663,12 @@ def main():
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--json", help=argparse.SUPPRESS)
     args = p.parse_args()
+    # As the command-line tools do, before jax starts: the orchestrator's XLA options reach every worker
+    # through the environment; each worker's own call sets its malloc options (a candidate's
+    # SEMFLOW_XLA_DEFAULTS=0 keeps its XLA_FLAGS as given).
+    from semflow_jax.cpu import tuning
+
+    tuning.tune()
     with_torch = not args.no_torch
     if args.worker:
         worker(args.worker, args.repeats, with_torch, args.json)

@@ -161,13 +161,6 @@ class UNet(nn.Module):
         return h.float().permute(0, 2, 3, 1)
 
 
-def from_config(config) -> UNet:
-    """The twin of the UNet a semflow_jax config builds (pixel space): read off the flax module itself."""
-    from twin_process import unet_fields
-
-    return UNet(**unet_fields(config))
-
-
 def load_flax_params(model: UNet, params: dict) -> None:
     """Copies the JAX UNet's parameters (the "params" tree of its variables) into the twin, by name.
 

@@ -293,8 +293,8 @@ class TwinHandler:
         }
 
     def op_window(self, key: str, count: int) -> dict:
-        """One timed window in this process: {"sec", "user", "system"} (see suite.window)."""
-        from suite import window
+        """One timed window in this process: {"sec", "user", "system"} (see timing.window)."""
+        from timing import window
 
         runs = {
             "forward": lambda: self.f32.forward_once(),
@@ -320,14 +320,14 @@ class TwinHandler:
 
     def op_conv_window(self, index: int, kind: str) -> dict:
         """One timed window of convolution `index`: kind "fwd" or "fwd_bwd" (input and weight gradients)."""
-        from suite import window
+        from timing import window
 
         forward, forward_backward = self.convs[index]
         return window({"fwd": forward, "fwd_bwd": forward_backward}[kind])
 
     def op_peak_rss_mib(self) -> float:
         """This process's peak resident memory so far, MiB."""
-        from suite import peak_rss_mib
+        from timing import peak_rss_mib
 
         return peak_rss_mib()
 
@@ -337,7 +337,9 @@ def main() -> None:
     for path in (ROOT, HERE):
         if path not in sys.path:
             sys.path.insert(0, path)
-    import semflow_jax  # noqa: F401  (the package's malloc defaults, as the JAX process runs under them)
+    from semflow_jax.cpu import tuning
+
+    tuning.tune()  # the malloc options the JAX process runs under (its XLA options are in the environment)
 
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # a stray print cannot corrupt the protocol

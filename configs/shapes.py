@@ -34,7 +34,7 @@ def get_config(arg=None):
     config.flow.time_power = 3.0
     config.flow.time_power_fraction = 0.5
     config.train.batch_size = 8  # more, smaller steps learn faster per image at this size (and run faster)
-    # On a CPU split into two devices (semflow_jax/xla_options.py) 4 examples per device train 16% slower than
+    # On a CPU split into two devices (semflow_jax/cpu/xla_options.py) 4 examples per device train 16% slower than
     # 8 on one device, which still uses every core (benchmarks/README.md); sampling keeps the split.
     config.train.cpu_devices = 1
     config.train.steps = 3000

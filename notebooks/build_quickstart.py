@@ -63,14 +63,20 @@ print("semflow_jax from", os.path.dirname(importlib.util.find_spec("semflow_jax"
     ),
     (
         "code",
-        """import jax
-import numpy as np
-from IPython.display import Image, display
+        """# On a CPU, before jax starts: the XLA options, device split and malloc settings the command-line tools
+# also use (semflow_jax/cpu/tuning.py; importing the package changes nothing by itself).
+from semflow_jax.cpu import tuning
 
-from semflow_jax import SemFlow, cache
-from semflow_jax.data import shapes
-from semflow_jax.metrics import miou
-from semflow_jax.visualize import colorize, gif_bytes, grid, png_bytes, upscale, with_time_bar
+print(tuning.tune().summary())
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from IPython.display import Image, display  # noqa: E402
+
+from semflow_jax import SemFlow, cache  # noqa: E402
+from semflow_jax.data import shapes  # noqa: E402
+from semflow_jax.metrics import miou  # noqa: E402
+from semflow_jax.visualize import colorize, gif_bytes, grid, png_bytes, upscale, with_time_bar  # noqa: E402
 
 cache.enable_compilation_cache()  # a second run of this notebook skips most compilation
 print("jax", jax.__version__, "on", jax.devices())

@@ -1,13 +1,9 @@
 """semflow_jax: SemFlow (semantic segmentation and image synthesis as one rectified flow) in JAX/Flax."""
 
-from semflow_jax import malloc_options, xla_options
-
 __version__ = "0.1.0"
 
-# Before JAX creates its backend, which reads XLA_FLAGS once: the measured-fastest CPU options.
-xla_options.apply()
-# Where the CPU computes: XLA's per-call temporary buffers reuse freed pages instead of fresh mappings.
-malloc_options.apply()
+# Importing the package changes nothing in the process (no XLA flags, no device split, no malloc settings):
+# the command-line tools call semflow_jax.cpu.tuning.tune() before jax starts, and so may any program.
 
 
 def __getattr__(name):

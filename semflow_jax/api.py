@@ -16,29 +16,7 @@ import numpy as np
 from semflow_jax import checkpoint, config_lib, flow, sampling, sharding
 from semflow_jax.errors import SemFlowError
 from semflow_jax.models import Codec, build_model, build_vae
-
-
-def abstract_train_state(config, mesh=None, fsdp: bool = False):
-    """Shapes, dtypes and shardings of the training state {"params", "opt", "ema", "step", "rng"}.
-
-    Replicated over `mesh` (default: this process's devices), or laid out by the FSDP rule with fsdp=True.
-    """
-    from semflow_jax.train import init_state, make_optimizer
-
-    mesh = local_mesh() if mesh is None else mesh
-    model = build_model(config)
-    tx = make_optimizer(config.train)
-    shapes = jax.eval_shape(lambda r: init_state(config, model, tx, r), jax.random.PRNGKey(0))
-    if fsdp:
-        shardings = sharding.state_sharding(shapes, mesh, config.fsdp_min_size)
-    else:
-        shardings = jax.tree.map(lambda _: sharding.replicated(mesh), shapes)
-    return sharding.with_shardings(shapes, shardings)
-
-
-def local_mesh():
-    """This process's devices on the data axis: what the numpy API computes on."""
-    return sharding.mesh_from_config((("data", -1), ("fsdp", 1)), jax.local_devices())
+from semflow_jax.state import abstract_train_state, sampling_params
 
 
 def sample_keys(seed: int, n: int) -> np.ndarray:
@@ -52,7 +30,7 @@ class SemFlow:
 
     def __init__(self, config, params, mesh=None, vae_params=None):
         self.config = config_lib.validate(config)
-        self.mesh = local_mesh() if mesh is None else mesh
+        self.mesh = sharding.local_mesh() if mesh is None else mesh
         self.params = jax.device_put(params, sharding.replicated(self.mesh))
         self.vae_params = (
             None if vae_params is None else jax.device_put(vae_params, sharding.replicated(self.mesh))
@@ -86,7 +64,6 @@ class SemFlow:
             state = ckpt.restore(abstract_train_state(config), step)
         finally:
             ckpt.close()
-        from semflow_jax.train import sampling_params
 
         params = sampling_params(state) if ema else state["params"]
         return cls(config, params, vae_params=state.get("vae"))

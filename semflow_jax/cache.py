@@ -29,7 +29,7 @@ def enable_compilation_cache(directory: str | None = None) -> str | None:
     """
     import jax
 
-    from semflow_jax.xla_options import switched_off
+    from semflow_jax.cpu.xla_options import switched_off
 
     if switched_off(os.environ, "SEMFLOW_COMPILATION_CACHE"):
         return None

@@ -60,18 +60,16 @@ def base_config() -> ml_collections.ConfigDict:
         num_heads=2,
         num_groups=8,
         dropout=0.0,
-        # Compute dtype. Parameters, optimizer state and the loss stay float32 whatever this says;
-        # "bfloat16" is mixed precision (activations and matmuls in bfloat16: TPU/GPU tensor cores).
+        # Compute dtype ("bfloat16": mixed precision); parameters, optimizer state and the loss stay float32.
         dtype="float32",
+        kernels="auto",  # "auto": the layers' CPU forms where XLA:CPU compiles them faster; "plain": never
     )
     c.train = dict(
         steps=1500,
         batch_size=16,  # global: split over every device of the mesh (and over the processes)
         batch_size_per_device=0,  # > 0: the global batch is this times the number of devices (overrides)
         grad_accum_steps=1,  # micro-batches per update: batch_size / grad_accum_steps examples per pass
-        # Where the CPU is split into devices (semflow_jax/xla_options.py): train on at most this many of them
-        # (0 = all). A single device still uses every core; splitting pays only with enough work per device.
-        cpu_devices=0,
+        cpu_devices=0,  # on a CPU split into devices (cpu/xla_options.py): train on at most this many (0 = all)
         lr=1e-3,
         lr_schedule="cosine",  # "constant", "linear" (to 0) or "cosine" (to 0), after the warm-up
         warmup_steps=100,
@@ -203,8 +201,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise SemFlowError(f"model.num_groups={m.num_groups} must divide every level width {widths}")
     if int(m.attention_chunk) < 0:
         raise SemFlowError(f"model.attention_chunk must be >= 0, got {m.attention_chunk}")
-    if m.kind not in ("unet", "sd"):
-        raise SemFlowError(f"model.kind must be unet or sd, got {m.kind!r}")
+    if m.kind not in ("unet", "sd") or m.kernels not in ("auto", "plain"):
+        raise SemFlowError(
+            f"model.kind must be unet or sd and model.kernels auto or plain, got {m.kind!r}, {m.kernels!r}"
+        )
     if config.flow.space not in ("pixel", "latent"):
         raise SemFlowError(f"flow.space must be pixel or latent, got {config.flow.space!r}")
     if (m.kind == "sd" or config.flow.space == "latent") and not os.path.isdir(m.pretrained):

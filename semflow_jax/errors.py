@@ -13,10 +13,25 @@ class SemFlowError(Exception):
     """A bad input (config, file, checkpoint): the message names what is wrong and what was expected."""
 
 
+def tune_cpu(prog: str) -> None:
+    """The command-line tools' first step, before jax starts: `cpu.tuning.tune()`, and its one start-up
+    line on stdout (what was tuned, or why not). A bad SEMFLOW_* setting is one line and exit code 2."""
+    from semflow_jax.cpu import tuning
+
+    try:
+        done = tuning.tune()
+    except ValueError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"{prog}: {done.summary()}", flush=True)
+
+
 def run_cli(main: Callable[[Sequence[str]], None], prog: str) -> None:
-    """Parses absl flags and runs main; bad flags, bad configs and bad inputs exit 2 with a single line."""
+    """Tunes the CPU (`tune_cpu`), parses absl flags and runs main; bad flags, bad configs and bad inputs
+    exit 2 with a single line."""
     from absl import flags
 
+    tune_cpu(prog)
     try:
         argv = flags.FLAGS(sys.argv)
         if "config" in flags.FLAGS:
@@ -31,10 +46,6 @@ def run_cli(main: Callable[[Sequence[str]], None], prog: str) -> None:
 def _guarded(main: Callable[[], int | None], prog: str) -> None:
     """Runs main and exits with its code; a SemFlowError is one line on stderr and exit code 2."""
     try:
-        from semflow_jax import xla_options
-
-        if xla_options.PROBLEMS:  # a bad SEMFLOW_* setting read at import (where it could only warn)
-            raise SemFlowError(xla_options.PROBLEMS[0])
         code = main()
     except SemFlowError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
@@ -58,7 +69,9 @@ def run_argparse_cli(
     main: Callable[[argparse.Namespace], int | None],
     argv: Sequence[str] | None = None,
 ) -> None:
-    """Parses argv (default sys.argv) with parser, runs main(args), exits with its code (0 for None)."""
+    """Tunes the CPU (`tune_cpu`), parses argv (default sys.argv) with parser, runs main(args), exits with
+    its code (0 for None)."""
+    tune_cpu(parser.prog)
     args = parser.parse_args(argv)
     _guarded(lambda: main(args), parser.prog)
 

@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from semflow_jax import flow, sharding
-from semflow_jax.models import Codec, velocity_fn
+from semflow_jax.models import Codec, build_model, build_vae, velocity_fn
 
 
 class Sampler:
@@ -122,3 +122,9 @@ class Sampler:
         """Each state of a trajectory [T, N, ...] as uint8 pictures [N, H, W, 3] (decoded in latent mode),
         one frame at a time so that only one decoded frame is alive at once."""
         return [self.image_out(path[i], vae_params) for i in range(path.shape[0])]
+
+
+def make_sampler(config, mesh, param_sharding) -> Sampler:
+    """The Sampler of config's model, anchors and latent codec over mesh, parameters laid out as given."""
+    anchors = flow.anchors_for(config.data.num_classes, config.anchors.base, config.anchors.spacing)
+    return Sampler(build_model(config), anchors, mesh, param_sharding, Codec(build_vae(config)))

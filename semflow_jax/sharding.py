@@ -53,7 +53,7 @@ def mesh_from_config(mesh_spec, devices=None) -> Mesh:
 def train_devices(max_cpu_devices: int, devices=None) -> list:
     """The devices a train mesh spans: all, or the first max_cpu_devices where the CPU is split (one process).
 
-    XLA's CPU devices are a split of the same cores (semflow_jax/xla_options.py), and one of them alone still
+    XLA's CPU devices are a split of the same cores (semflow_jax/cpu/xla_options.py), and one of them alone still
     runs every op on all cores; so using fewer only trades the split's overlap against its per-device
     overheads, which win when each device's share of the batch is small. Accelerators: always all.
     """
@@ -138,3 +138,8 @@ def to_host(x: jax.Array) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def local_mesh():
+    """This process's devices on the data axis: what the numpy API computes on."""
+    return mesh_from_config((("data", -1), ("fsdp", 1)), jax.local_devices())

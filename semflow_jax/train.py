@@ -21,100 +21,16 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from semflow_jax import cache, checkpoint, config_lib, distributed, flow, malloc_options, sharding
+from semflow_jax import cache, checkpoint, config_lib, distributed, flow, previews, sharding
+from semflow_jax.cpu import malloc_options
 from semflow_jax.data import pipeline
 from semflow_jax.errors import SemFlowError
 from semflow_jax.metric_writer import MetricWriter
 from semflow_jax.models import Codec, build_model, build_vae, flow_shape, load_pretrained, velocity_fn
 from semflow_jax.models.sd import SDVAE, sample_posterior
+from semflow_jax.sampling import make_sampler
+from semflow_jax.state import global_norm, init_state, make_optimizer, make_schedule, sampling_params
 from semflow_jax.visualize import save_png
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Model, optimizer, state.
-# ----------------------------------------------------------------------------------------------------------
-def make_schedule(tc):
-    """Learning rate: linear warm-up from 0 to tc.lr, then constant, linear or cosine decay to 0."""
-    warmup = max(int(tc.warmup_steps), 1)
-    rest = max(int(tc.steps) - warmup, 1)
-    after = {
-        "constant": optax.constant_schedule(tc.lr),
-        "linear": optax.linear_schedule(tc.lr, 0.0, rest),
-        "cosine": optax.cosine_decay_schedule(tc.lr, rest),
-    }[tc.lr_schedule]
-    return optax.join_schedules([optax.linear_schedule(0.0, tc.lr, warmup), after], [warmup])
-
-
-def global_norm(tree) -> jax.Array:
-    """The gradients' global L2 norm, accumulated in float32 whatever their dtype."""
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
-
-
-def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
-    """optax.clip_by_global_norm that takes compute-dtype gradients and hands on float32 ones.
-
-    Widening each leaf inside this one elementwise op (instead of as a tree of its own) lets the compiler
-    fuse it into the Adam update that reads it: a bfloat16 gradient tree never gets a float32 twin in memory.
-    """
-
-    def update(updates, state, params=None):
-        del params
-        norm = global_norm(updates)
-        factor = jnp.where(norm < max_norm, 1.0, max_norm / norm)
-        return jax.tree.map(lambda g: g.astype(jnp.float32) * factor, updates), state
-
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
-
-
-def make_optimizer(tc):
-    """AdamW with global-norm gradient clipping (the paper: wd 0.01, clip 1.0).
-
-    tc.mu_dtype="bfloat16" keeps Adam's first moment in bfloat16 (2 bytes per parameter less); the second
-    moment stays float32, where bfloat16's 8-bit mantissa would distort the step size.
-    """
-    mu_dtype = None if tc.mu_dtype == "float32" else jnp.dtype(tc.mu_dtype)
-    return optax.chain(
-        clip_by_global_norm(tc.grad_clip),
-        optax.adamw(make_schedule(tc), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, mu_dtype=mu_dtype),
-    )
-
-
-def sampling_params(state):
-    """The weights evaluation and sampling use: the EMA, or the trained parameters when it is off."""
-    return state["ema"] if "ema" in state else state["params"]
-
-
-def init_state(config, model, tx, rng, pretrained=None):
-    """{"params", "opt", "ema", "step", "rng"} (+ "vae" in latent mode): plain pytrees, the EMA starting at
-    the initial parameters. train.ema_decay = 0 keeps no EMA (one parameter copy less in memory).
-
-    "rng" is the training key, split once per step: it is part of the state so a resumed run draws the
-    same times, perturbations and dropout masks as an uninterrupted one. `pretrained` ({"params", "vae"}
-    arrays from models.load_pretrained) replaces the random initialization where given; the VAE is frozen
-    (no optimizer state) and only passes through the step.
-    """
-    pretrained = pretrained or {}
-    init_rng, train_rng = jax.random.split(rng)
-    h, w, c = flow_shape(config)
-    params = model.init(init_rng, jnp.zeros((1, h, w, c), jnp.float32), jnp.zeros((1,), jnp.float32))[
-        "params"
-    ]
-    params = pretrained.get("params", params)
-    state = {
-        "params": params,
-        "opt": tx.init(params),
-        "step": jnp.zeros((), jnp.int32),
-        "rng": train_rng,
-    }
-    if float(config.train.ema_decay) > 0:
-        state["ema"] = params
-    vae = build_vae(config)
-    if vae is not None:
-        ih, iw = config_lib.image_hw(config)
-        x = jnp.zeros((1, ih, iw, 3), jnp.float32)
-        vae_params = pretrained.get("vae")
-        state["vae"] = vae.init(jax.random.fold_in(rng, 1), x)["params"] if vae_params is None else vae_params
-    return state
 
 
 def make_train_step(config, model, tx, mesh=None):
@@ -253,8 +169,8 @@ def build_training(config, mesh, init: bool = True):
     if options:
         # XLA cannot serialize an executable whose temporaries come in several blocks, so the persistent
         # compilation cache cannot keep this step and jax warns at every start that writing it failed. The
-        # step is then compiled at each start (9-12 s at `shapes` and mid), which the blocks' 15% per mid step
-        # repays within about 40 steps; the warning is noise to the user, so only this one is silenced.
+        # step is then compiled at each start, which the faster steps repay within tens of steps
+        # (docs/PERFORMANCE.md); the warning is noise to the user, so only this one is silenced.
         warnings.filterwarnings("ignore", message=_UNCACHEABLE_STEP, category=UserWarning)
     train_step = jax.jit(
         make_train_step(config, model, tx, mesh),
@@ -262,7 +178,7 @@ def build_training(config, mesh, init: bool = True):
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=(0,),
         # On a CPU under the package's malloc settings: the step's temporaries in blocks malloc keeps between
-        # steps, not one block mapped and faulted in afresh on every step (semflow_jax/malloc_options.py).
+        # steps, not one block mapped and faulted in afresh on every step (semflow_jax/cpu/malloc_options.py).
         compiler_options=options or None,
     )
     if not init:
@@ -358,12 +274,10 @@ def train_and_checkpoint(config, workdir: str, quiet: bool = False) -> dict:
     config_json = json.loads(config.to_json())
 
     # --- Loop -------------------------------------------------------------------------------------------------
-    from semflow_jax.eval import global_batches, make_sampler, preview_grid  # eval imports train: no cycle
-
     sampler = make_sampler(config, mesh, sampling_params(state_sharding))
     preview_rows = min(int(config.eval.grid_rows), pipeline.split_size(config))
     preview_size = -(-preview_rows // mesh.size) * mesh.size
-    preview_batch = next(global_batches(config, mesh, preview_rows, preview_size))
+    preview_batch = next(previews.global_batches(config, mesh, preview_rows, preview_size))
     writer = MetricWriter(workdir, enabled=is_main)
     batch_keys = (
         ("latent_mean", "latent_logvar", "mask_latent") if config.data.latents else ("image", "label")
@@ -409,7 +323,7 @@ def train_and_checkpoint(config, workdir: str, quiet: bool = False) -> dict:
             if save_now:
                 ckpt.save(step, state, data_iter, config_json, force=True)
             if step % tc.sample_every == 0 or step == tc.steps:
-                picture = preview_grid(  # all processes take part
+                picture = previews.preview_grid(  # all processes take part
                     config, sampler, sampling_params(state), preview_batch, vae_params=state.get("vae")
                 )
                 if is_main:

@@ -26,10 +26,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 # run it is the other way round (the shapes train step compiles in 16-18 s instead of 12), so the package
 # leaves it alone. An option XLA does not know aborts the process, so only on the jaxlib versions the
 # package's own XLA options are tested on.
-from semflow_jax import xla_options  # noqa: E402  (after XLA_FLAGS: the package appends its defaults to them)
+from semflow_jax.cpu import tuning, xla_options  # noqa: E402
 
 if xla_options.on_tested_jaxlib():
     os.environ["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"
+# The tuning the command-line tools make (its XLA options inherited by every worker and subprocess; the
+# malloc settings made again in each xdist worker, which imports this file too). The 8 devices above stay.
+tuning.tune()
 os.environ["SEMFLOW_CACHE"] = tempfile.mkdtemp(prefix="semflow_cache_")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="semflow_xla_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")

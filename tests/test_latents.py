@@ -12,7 +12,7 @@ import pytest
 
 from configs import shapes as shapes_config
 from semflow_jax import convert, flow
-from semflow_jax.data import latents, pipeline
+from semflow_jax.data import latent_source, latents, pipeline
 from semflow_jax.errors import SemFlowError
 from semflow_jax.models import build_vae, load_pretrained
 from semflow_jax.models.sd import SDVAE
@@ -47,7 +47,7 @@ def test_stored_latents_are_the_vae_posterior_and_perturbed_mask_modes(sd_folder
         "train.array_record-00001-of-00002",
     ]
     config.data.latents = str(tmp_path / "lat")
-    source = latents.LatentSource(config)
+    source = latent_source.LatentSource(config)
     assert len(source) == 12  # 6 examples, each also mirrored
     # One encoder batch: the 6 plain rows, then the 6 mirrored ones, dealt in turn to the two shards.
     raw = pipeline.make_source(config, "train")
@@ -83,7 +83,8 @@ def test_stored_latents_are_the_vae_posterior_and_perturbed_mask_modes(sd_folder
 
 def test_a_step_on_cached_latents_equals_the_step_that_encodes(sd_folder, tmp_path):
     from semflow_jax.models import build_model
-    from semflow_jax.train import init_state, make_optimizer, make_train_step
+    from semflow_jax.state import init_state, make_optimizer
+    from semflow_jax.train import make_train_step
 
     config = latent_config(sd_folder)
     config.flow.beta = 0.0  # the cached mask is then exactly the on-the-fly one
@@ -113,10 +114,10 @@ def test_latents_made_for_another_config_are_refused(sd_folder, tmp_path):
     other = latent_config(sd_folder, num_train=2)
     other.data.latents, other.flow.beta = str(tmp_path / "lat"), 16.0
     with pytest.raises(SemFlowError, match=r"made with beta=32\.0, but the config gives 16\.0"):
-        latents.LatentSource(other)
+        latent_source.LatentSource(other)
     other.flow.beta, other.data.latents = 32.0, str(tmp_path / "nothing")
     with pytest.raises(SemFlowError, match=r"latents\.json is missing"):
-        latents.LatentSource(other)
+        latent_source.LatentSource(other)
     pixel = shapes_config.get_config("tiny")
     pixel.data.latents = str(tmp_path / "lat")
     with pytest.raises(SemFlowError, match="needs flow.space=latent"):

@@ -11,6 +11,7 @@ from configs import shapes as shapes_config
 from semflow_jax import checkpoint, sharding, train
 from semflow_jax.data import pipeline
 from semflow_jax.errors import SemFlowError
+from semflow_jax.state import make_optimizer
 
 
 def tiny(**overrides):
@@ -101,7 +102,7 @@ def test_gradient_accumulation_equals_one_pass():
     mesh = sharding.mesh_from_config((("data", 4), ("fsdp", 2)))
     losses_1, state_1 = run_steps(config, mesh, host)
     config.train.grad_accum_steps = 2  # 2 micro-batches of 8: one example per device per pass
-    model, tx = train.build_model(config), train.make_optimizer(config.train)
+    model, tx = train.build_model(config), make_optimizer(config.train)
     jaxpr = str(jax.make_jaxpr(train.make_train_step(config, model, tx, mesh))(state_1, host[0]))
     assert "scan" in jaxpr  # the accumulation loop is really there
     losses_2, state_2 = run_steps(config, mesh, host)

@@ -89,7 +89,7 @@ def test_timestep_embedding():
 def test_bfloat16_gradients_track_float32_ones():
     """bfloat16 compute, float32 parameters (as the paper trains), differentiated as train.py does it: every
     gradient leaf within 2% (relative L2) of the float32 model's on the same weights (measured: 1.0%; 1.4% where
-    layers.amx_conv runs, which rounds the output gradient to bfloat16 before its backward products). The
+    cpu/amx.py's amx_conv runs, which rounds the output gradient to bfloat16 before its backward products). The
     bias and time-embedding gradients sum over every position and example; summed in bfloat16, as flax's
     nn.Conv / nn.Dense do, they drift by up to 8% here. The attention key bias is left out: softmax ignores
     it, its true gradient is zero."""

@@ -24,8 +24,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import shapes as shapes_config  # noqa: E402
-from semflow_jax import config_lib, malloc_options, sharding  # noqa: E402
+from semflow_jax import config_lib, sharding  # noqa: E402
 from semflow_jax.aot import hlo, programs, slices  # noqa: E402
+from semflow_jax.cpu import kernels, malloc_options  # noqa: E402
 from semflow_jax.models import layers  # noqa: E402
 
 SLICES = {"v5e-4": (("data", 2), ("fsdp", 2)), "v5p-16": (("data", 2), ("fsdp", 4))}
@@ -43,9 +44,9 @@ def tiny_config(mesh):
 
 
 def cpu_forms(compiled_text: str) -> list[str]:
-    """The CPU-only forms of models/layers.py whose code is in a compiled program (by traced function name)."""
+    """The CPU-only forms of cpu/kernels.py whose code is in a compiled program (by traced function name)."""
     names = hlo.function_names(compiled_text)
-    return sorted(f for f in layers.CPU_FORMS if any(f in n for n in names))
+    return sorted(f for f in kernels.CPU_FORMS if any(f in n for n in names))
 
 
 def carries_heap_option(compiled) -> bool | None:
@@ -65,7 +66,7 @@ def analytic_forward_flops(config) -> float:
     """2 x multiply-adds of every Conv and Dense of one UNet forward pass over one example, from each layer's
     input shape and kernel, and attention's two L x L products (flax interception): an architecture count
     independent of jaxprs and HLO."""
-    from semflow_jax.train import build_model
+    from semflow_jax.models import build_model
 
     model, total = build_model(config), [0.0]
     h, w = config_lib.image_hw(config)

@@ -15,7 +15,7 @@ mesh axes the collective runs over.
 
 `function_names(text)` is the set of Python functions whose operations the compiled program holds (the
 StackFrames tables XLA keeps in the module), which tests/test_tpu.py uses to show that a TPU program holds
-none of the CPU forms of models/layers.py.
+none of the CPU forms of cpu/kernels.py.
 """
 
 from __future__ import annotations

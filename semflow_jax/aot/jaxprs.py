@@ -1,6 +1,6 @@
 """Walking a jaxpr as one platform's program runs it, and counting the FLOPs of its products.
 
-A jaxpr holds every branch of a `jax.lax.platform_dependent` choice (models/layers.py, `on_cpu`); a program
+A jaxpr holds every branch of a `jax.lax.platform_dependent` choice (cpu/kernels.py, `on_cpu`); a program
 lowered for one platform keeps only that platform's branch. `equations(jaxpr, platform)` yields what that
 program runs, each equation with how many times it runs (scan bodies times their length). `matmul_flops`
 counts the multiply-adds of its dot_general and conv_general_dilated equations (a convolution's taps on

@@ -81,6 +81,7 @@ def train_batch(config, mesh) -> dict:
 def train_step(config, mesh) -> Program:
     """The train step of config on mesh (config already batch-resolved for the mesh)."""
     from semflow_jax import train
+    from semflow_jax.state import make_optimizer
 
     sharding.check_batch(config.train.batch_size, mesh, "train.batch_size")
     sharding.check_batch(
@@ -92,7 +93,7 @@ def train_step(config, mesh) -> Program:
     def model_jaxpr():
         plain = ml_collections.ConfigDict(config.to_dict())
         plain.model.remat = False
-        model, tx = train.build_model(plain), train.make_optimizer(plain.train)
+        model, tx = train.build_model(plain), make_optimizer(plain.train)
         return jax.make_jaxpr(train.make_train_step(plain, model, tx, mesh))(state, batch)
 
     what = (
@@ -105,8 +106,7 @@ def train_step(config, mesh) -> Program:
 
 
 def _eval_state(config, mesh):
-    from semflow_jax.api import abstract_train_state
-    from semflow_jax.train import sampling_params
+    from semflow_jax.state import abstract_train_state, sampling_params
 
     template = abstract_train_state(config, mesh, fsdp=True)
     return sampling_params(template), template.get("vae")
@@ -115,8 +115,8 @@ def _eval_state(config, mesh):
 def sampler_programs(config, mesh) -> list[Program]:
     """The evaluation's integrator (one executable, the direction an argument) and, in latent mode, the VAE
     encoding and decoding around it, over one evaluation batch."""
-    from semflow_jax.eval import make_sampler
     from semflow_jax.models import flow_shape
+    from semflow_jax.sampling import make_sampler
 
     b = int(config.eval.batch_size)
     sharding.check_batch(b, mesh, "eval.batch_size")

@@ -1,7 +1,7 @@
 """Input pipelines on grain: a shuffled, repeated, per-process training stream, and padded eval batches.
 
 Sources: the embedded shapes scenes, a published dataset's folders (`folders.RawSource`) or its ArrayRecord
-shards (`records.RecordSource`); for latent-mode training also cached VAE latents (`latents.LatentSource`).
+shards (`records.RecordSource`); for latent-mode training also cached VAE latents (`latent_source.LatentSource`).
 Real images are augmented for training (random crop, resize, flip, the
 same for image and mask) and resized for evaluation. Batches stay uint8 on the host; the device turns them
 into flow endpoints inside the jitted step.
@@ -15,7 +15,7 @@ import grain
 import numpy as np
 
 from semflow_jax import config_lib
-from semflow_jax.data import augment, classes, folders, latents, records, shapes
+from semflow_jax.data import augment, classes, folders, latent_source, records, shapes
 from semflow_jax.errors import SemFlowError
 
 
@@ -84,8 +84,8 @@ def train_iterator(config, process_index: int = 0, process_count: int = 1):
     """
     per_process = config.train.batch_size // process_count
     if config.data.latents:  # cached VAE latents (semflow_jax.data.latents): no images, no augmentation
-        ds = grain.MapDataset.source(latents.LatentSource(config)).shuffle(seed=config.seed).repeat()
-        transform = latents.pick_mask
+        ds = grain.MapDataset.source(latent_source.LatentSource(config)).shuffle(seed=config.seed).repeat()
+        transform = latent_source.pick_mask
     else:
         ds = grain.MapDataset.source(make_source(config, "train")).shuffle(seed=config.seed).repeat()
         transform = _train_transform(config)

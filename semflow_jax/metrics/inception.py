@@ -277,17 +277,13 @@ def load_params(path: str) -> dict:
     return params
 
 
-def make_feature_fn(params: dict | None = None, batch_size: int | None = None) -> Callable[..., np.ndarray]:
+def make_feature_fn(params: dict, batch_size: int | None = None) -> Callable[..., np.ndarray]:
     """A function images [N, H, W, 3] (uint8 or float in [0, 255]) -> features [N, 2048] float32 numpy.
 
-    `params` defaults to the converted cache (converting on first use). With `batch_size`, images go through
-    in chunks of exactly that many (the last one padded), so every call reuses one compiled program;
+    `params`: `load_params(convert_inception.ensure_params())` for the converted cache. With `batch_size`,
+    images go through in chunks of exactly that many (the last one padded), so every call reuses one compiled program;
     without it, each new input shape compiles once.
     """
-    if params is None:
-        from semflow_jax.metrics.convert_inception import ensure_params
-
-        params = load_params(ensure_params())
     # Transferred once, not on every call; uncommitted, so jit may still place it beside a sharded batch.
     params = jax.device_put(params)
     model = FIDInception()

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from semflow_jax import flow
+from semflow_jax.cpu.kernels import chosen_by
 from semflow_jax.errors import SemFlowError
 from semflow_jax.models.sd import SDVAE, SDUNet
 from semflow_jax.models.unet import UNet
@@ -48,7 +49,9 @@ class SDVelocity(nn.Module):
     remat: bool = False
     dtype: str = "float32"
     attention_chunk: int = 0
+    kernels: str = "auto"  # config.model.kernels (cpu/kernels.py)
 
+    @chosen_by
     @nn.compact
     def __call__(self, z, t, train: bool = False):
         del train
@@ -70,7 +73,7 @@ def build_model(config) -> nn.Module:
     if m.kind == "sd":
         unet_config = _read_json(os.path.join(m.pretrained, "unet", "config.json"))
         prompt = os.path.join(m.pretrained, "empty_prompt.npy")
-        return SDVelocity(unet_config, prompt, bool(m.remat), m.dtype, int(m.attention_chunk))
+        return SDVelocity(unet_config, prompt, bool(m.remat), m.dtype, int(m.attention_chunk), str(m.kernels))
     return UNet(
         out_channels=flow_shape(config)[-1],
         channels=int(m.channels),
@@ -81,6 +84,7 @@ def build_model(config) -> nn.Module:
         num_groups=int(m.num_groups),
         dropout=float(m.dropout),
         dtype=jnp.dtype(m.dtype),
+        kernels=str(m.kernels),
     )
 
 
@@ -89,7 +93,7 @@ def build_vae(config) -> SDVAE | None:
     if config.flow.space != "latent":
         return None
     cfg = json.loads(_read_json(os.path.join(config.model.pretrained, "vae", "config.json")))
-    return SDVAE.from_config(cfg, dtype=jnp.dtype(config.model.dtype))
+    return SDVAE.from_config(cfg, dtype=jnp.dtype(config.model.dtype), kernels=str(config.model.kernels))
 
 
 def flow_shape(config) -> tuple[int, int, int]:

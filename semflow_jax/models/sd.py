@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from semflow_jax.cpu.kernels import chosen_by
 from semflow_jax.models.layers import Conv, Dense
 from semflow_jax.models.sd_blocks import (
     Downsample,
@@ -219,6 +220,7 @@ class SDVAE(nn.Module):
     norm_num_groups: int = 32
     scaling_factor: float = 0.18215
     dtype: Any = jnp.float32
+    kernels: str = "auto"  # config.model.kernels (cpu/kernels.py)
 
     @classmethod
     def from_config(cls, cfg: dict, **overrides) -> SDVAE:
@@ -242,16 +244,19 @@ class SDVAE(nn.Module):
         self.quant_conv = Conv(2 * self.latent_channels, (1, 1), dtype=self.dtype)
         self.post_quant_conv = Conv(self.latent_channels, (1, 1), dtype=self.dtype)
 
+    @chosen_by
     def encode(self, x):
         """(mean, logvar) of the diagonal Gaussian posterior; logvar clipped to [-30, 20] as in diffusers."""
         moments = self.quant_conv(self.encoder(x.astype(self.dtype))).astype(jnp.float32)
         mean, logvar = jnp.split(moments, 2, axis=-1)
         return mean, jnp.clip(logvar, -30.0, 20.0)
 
+    @chosen_by
     def decode(self, z):
         """Unscaled latent -> image in about [-1, 1], float32."""
         return self.decoder(self.post_quant_conv(z.astype(self.dtype))).astype(jnp.float32)
 
+    @chosen_by
     def __call__(self, x):
         mean, _ = self.encode(x)
         return self.decode(mean)

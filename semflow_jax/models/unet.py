@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from semflow_jax.cpu.kernels import chosen_by
 from semflow_jax.models.layers import Conv, Dense, GroupNorm, UpsampleConv, add_bias, as_parts
 
 
@@ -65,11 +66,11 @@ class ResBlock(nn.Module):
 def dot_product_attention(query, key, value, bias=None, mask=None, **unused):
     """softmax(q k^T / sqrt(d)) v with flax's attention_fn signature, as jax.nn.dot_product_attention computes it.
 
-    The same result as flax's default. Its XLA:CPU forward pass is 1.3-1.6x faster, its backward is not
-    (benchmarks/results/layers.json), so the UNet uses it for inference only. No dropout: the block has none.
+    The same result as flax's default. XLA:CPU runs its forward pass faster and its backward pass not
+    (docs/PERFORMANCE.md), so the UNet uses it for inference only. No dropout: the block has none.
     """
     # The 1/sqrt(d) scale applied to the queries rather than to the [N, heads, T, T] logits: XLA:CPU would
-    # otherwise materialize the scalar as a full logits-sized array on every call (models/layers.py).
+    # otherwise materialize the scalar as a full logits-sized array on every call (cpu/kernels.py).
     scale = jnp.asarray(query.shape[-1] ** -0.5, query.dtype)
     return jax.nn.dot_product_attention(query * scale, key, value, bias=bias, mask=mask, scale=1.0)
 
@@ -127,7 +128,11 @@ class UNet(nn.Module):
     num_groups: int = 32
     dropout: float = 0.0
     dtype: Any = jnp.float32
+    kernels: str = (
+        "auto"  # config.model.kernels: the layers' CPU forms on the CPU, or "plain" (cpu/kernels.py)
+    )
 
+    @chosen_by
     @nn.compact
     def __call__(self, z, t, train: bool = False):
         temb_dim = 4 * self.channels

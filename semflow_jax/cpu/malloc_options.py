@@ -1,30 +1,15 @@
-"""glibc malloc settings the package sets by default where the CPU does the work: keep freed memory mapped.
+"""glibc malloc settings `tuning.tune()` makes where the CPU computes: keep freed memory mapped for reuse.
 
-XLA:CPU allocates each call's temporary buffer anew (tens to hundreds of MiB for a UNet pass, 836 MiB per
-device for the mid model's train step) and frees it when the call ends. With glibc's defaults a buffer that
-large is mapped fresh from the OS on every call and unmapped after it, so every call pays page faults and the
-kernel zeroing the pages again. `import semflow_jax` therefore calls mallopt(M_MMAP_MAX, 0) (serve large
-blocks from malloc's heaps, not from per-block mappings), mallopt(M_TRIM_THRESHOLD, 1 GiB) (keep up to that
-much freed memory at the top of a heap instead of returning it) and mallopt(M_TOP_PAD, 64 MiB) (a thread heap
-that has become empty is kept, not deleted), so the next call reuses the same pages. Measured on a 2-core CPU
-(benchmarks/suite.py, worker sampler-<size>, alternating processes): one mid forward pass 503-519 ms against
-530-547, shapes 145 against 149-151, memory paged in per forward pass 0 MiB against 112-128.
-
-Those settings cannot keep a block larger than the 64 MiB a thread's heap holds: glibc maps such a block on
-its own and unmaps it when it is freed, whatever mallopt says, and XLA's worker threads are not the main one.
-XLA:CPU hands a program all its temporaries as one block, so `compiler_options()` also asks XLA to split them
-into heaps of at most 63 MiB (`xla_multiheap_size_constraint_per_heap`), which the train step
-(semflow_jax/train.py) is compiled with: the mid train step then pages in 0 MiB per step against 1.7 GB, its
-kernel time per step drops from 0.7 s to 0.01 s and the step is 9-15% faster (docs/PERFORMANCE.md). A single
-buffer larger than 63 MiB still gets its own block, is mapped as before, and XLA says so in one warning line
-per such buffer when it compiles. Not M_ARENA_MAX=1: one heap for all threads makes the train step and the
-sampler slower (docs/PERFORMANCE.md).
-
-What it costs: freed memory up to the threshold stays with the process instead of going back to the OS (a
-heap's peak stays resident). Applied only on Linux with glibc, where the CPU runs the computation (the same
-test as the XLA defaults), and not where the user chose: SEMFLOW_MALLOC_DEFAULTS=0, glibc's MALLOC_MMAP_MAX_,
-MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_ or MALLOC_TOP_PAD_ variables, glibc.malloc.* tunables in
-GLIBC_TUNABLES, or another malloc in LD_PRELOAD; then `compiler_options()` is empty too.
+XLA:CPU allocates each call's temporary buffer anew and frees it when the call ends; with glibc's defaults a
+buffer that large is mapped fresh from the OS on every call, so every call pays page faults and zeroed pages
+again. mallopt(M_MMAP_MAX, 0) serves large blocks from malloc's heaps, M_TRIM_THRESHOLD (1 GiB) keeps freed
+memory at the top of a heap and M_TOP_PAD (64 MiB) keeps an emptied thread heap, so the next call reuses the
+same pages. A block larger than a thread heap (64 MiB) is still mapped on its own, so `compiler_options()`
+also asks XLA to split a program's temporaries into heaps of at most 63 MiB (the train step is compiled
+with it). The cost: freed memory up to the threshold stays with the process. Applied only on Linux with
+glibc, where the CPU computes, and not where the user chose (SEMFLOW_MALLOC_DEFAULTS=0, glibc's MALLOC_*_
+variables or glibc.malloc tunables, another malloc in LD_PRELOAD); then `compiler_options()` is empty too.
+What it buys: docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations
@@ -55,7 +40,7 @@ APPLIED: dict[str, int] = {}
 
 def user_chose(environ) -> str | None:
     """Why the user's own malloc setup wins (a short reason), or None when the defaults may be set."""
-    from semflow_jax.xla_options import switched_off
+    from semflow_jax.cpu.xla_options import switched_off
 
     if switched_off(environ, "SEMFLOW_MALLOC_DEFAULTS"):
         return "SEMFLOW_MALLOC_DEFAULTS=0"
@@ -75,8 +60,9 @@ def glibc() -> bool:
 
 
 def apply(environ=None) -> dict[str, int]:
-    """Sets SETTINGS with mallopt where they apply (see the module docstring); returns what it set."""
-    from semflow_jax.xla_options import cpu_does_the_work
+    """Sets SETTINGS with mallopt where they apply (see the module docstring); returns what it set. A
+    process-wide change: `tuning.tune()` is the call that makes it."""
+    from semflow_jax.cpu.xla_options import cpu_does_the_work
 
     environ = os.environ if environ is None else environ
     if user_chose(environ) or not cpu_does_the_work(environ) or not glibc():
